@@ -1,0 +1,585 @@
+//! The SMTP client toward the backend MTA.
+//!
+//! RelayGuard speaks SMTP to the backend itself rather than piping bytes,
+//! so the backend only ever sees transactions the policy approved, in a
+//! dialect it announced: no PIPELINING, SIZE or 8BITMIME unless its EHLO
+//! offered them, HELO for servers that refuse EHLO.
+//!
+//! Connections are kept warm in a small pool. A reused connection always
+//! starts its next transaction with RSET (pipelined with MAIL when the
+//! backend allows), so nothing of one client's transaction can leak into
+//! another's.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::{BackendAddr, BackendConfig, BackendTimeouts, BackendTls, PoolConfig};
+use crate::smtp::data::DotStuffer;
+use crate::smtp::reply::{Capabilities, Reply, ReplyParser};
+
+/// Which step of the backend conversation failed; used in logs and as a
+/// bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Connect,
+    Greeting,
+    Ehlo,
+    StartTls,
+    Rset,
+    Mail,
+    Rcpt,
+    Data,
+    Body,
+    DataDone,
+}
+
+impl Stage {
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::Connect => "connect",
+            Stage::Greeting => "greeting",
+            Stage::Ehlo => "ehlo",
+            Stage::StartTls => "starttls",
+            Stage::Rset => "rset",
+            Stage::Mail => "mail",
+            Stage::Rcpt => "rcpt",
+            Stage::Data => "data",
+            Stage::Body => "body",
+            Stage::DataDone => "data_done",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("no backend server reachable ({0})")]
+    Unavailable(String),
+    #[error("backend timed out at {stage}", stage = .0.label())]
+    Timeout(Stage),
+    #[error("backend connection failed at {stage}: {err}", stage = .0.label(), err = .1)]
+    Io(Stage, std::io::Error),
+    #[error("backend closed the connection at {stage}", stage = .0.label())]
+    Closed(Stage),
+    #[error("backend sent a malformed reply at {stage}: {msg}", stage = .0.label(), msg = .1)]
+    Protocol(Stage, String),
+    #[error("backend refused at {stage}: {code} {text}", stage = .0.label(), code = .1.code, text = .1.text())]
+    Refused(Stage, Reply),
+    #[error("backend TLS failed: {0}")]
+    Tls(String),
+}
+
+impl BackendError {
+    pub fn stage(&self) -> Stage {
+        match self {
+            BackendError::Unavailable(_) => Stage::Connect,
+            BackendError::Tls(_) => Stage::StartTls,
+            BackendError::Timeout(s)
+            | BackendError::Io(s, _)
+            | BackendError::Closed(s)
+            | BackendError::Protocol(s, _)
+            | BackendError::Refused(s, _) => *s,
+        }
+    }
+}
+
+/// Plain or TLS stream to the backend.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+/// The envelope sender as forwarded: the path exactly as the client sent
+/// it, plus the parameters the backend understands.
+#[derive(Debug, Clone)]
+pub struct MailArgs<'a> {
+    /// Text between `<` and `>` (empty for the null sender).
+    pub path: &'a str,
+    pub size: Option<u64>,
+    pub eight_bit: bool,
+}
+
+/// Replies to the first pipelined group of a transaction.
+#[derive(Debug)]
+pub struct Begun {
+    pub mail: Reply,
+    /// `None` when MAIL failed and RCPT was not sent (no pipelining).
+    pub rcpt: Option<Reply>,
+}
+
+/// One connection to a backend MTA, greeted and ready for a transaction.
+pub struct Connection {
+    stream: Stream,
+    rbuf: BytesMut,
+    parser: ReplyParser,
+    caps: Capabilities,
+    timeouts: BackendTimeouts,
+    server: String,
+    /// True when the next transaction needs no RSET first.
+    clean: bool,
+    /// Between the backend's 354 and its final reply: such a connection
+    /// can never be reused, only closed (which aborts the message).
+    in_data: bool,
+    transactions: u32,
+    stuffer: DotStuffer,
+    wbuf: Vec<u8>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("server", &self.server)
+            .finish()
+    }
+}
+
+async fn within<T>(
+    limit: Duration,
+    stage: Stage,
+    fut: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> Result<T, BackendError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or(Err(BackendError::Timeout(stage)))
+}
+
+impl Connection {
+    pub fn server(&self) -> &str {
+        &self.server
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    async fn read_reply(&mut self, stage: Stage, limit: Duration) -> Result<Reply, BackendError> {
+        let Connection {
+            stream,
+            rbuf,
+            parser,
+            ..
+        } = self;
+        within(limit, stage, async {
+            loop {
+                match parser.parse(rbuf) {
+                    Ok(Some(reply)) => return Ok(reply),
+                    Ok(None) => {}
+                    Err(e) => return Err(BackendError::Protocol(stage, e.to_string())),
+                }
+                rbuf.reserve(4096);
+                let n = stream
+                    .read_buf(rbuf)
+                    .await
+                    .map_err(|e| BackendError::Io(stage, e))?;
+                if n == 0 {
+                    return Err(BackendError::Closed(stage));
+                }
+            }
+        })
+        .await
+    }
+
+    async fn send(
+        &mut self,
+        stage: Stage,
+        bytes: &[u8],
+        limit: Duration,
+    ) -> Result<(), BackendError> {
+        let stream = &mut self.stream;
+        within(limit, stage, async {
+            stream
+                .write_all(bytes)
+                .await
+                .map_err(|e| BackendError::Io(stage, e))?;
+            stream.flush().await.map_err(|e| BackendError::Io(stage, e))
+        })
+        .await
+    }
+
+    async fn command(&mut self, stage: Stage, line: &str) -> Result<Reply, BackendError> {
+        let limit = self.timeouts.command;
+        self.send(stage, format!("{line}\r\n").as_bytes(), limit)
+            .await?;
+        self.read_reply(stage, limit).await
+    }
+
+    fn mail_line(&self, args: &MailArgs<'_>) -> String {
+        let mut line = format!("MAIL FROM:<{}>", args.path);
+        if let (Some(size), Some(_)) = (args.size, self.caps.size) {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        if args.eight_bit && self.caps.eight_bit_mime {
+            line.push_str(" BODY=8BITMIME");
+        }
+        line
+    }
+
+    /// Starts a transaction: RSET if the connection was used before, MAIL
+    /// and the first RCPT, pipelined when the backend offers PIPELINING.
+    pub async fn begin(&mut self, args: &MailArgs<'_>, rcpt: &str) -> Result<Begun, BackendError> {
+        self.stuffer = DotStuffer::new();
+        let need_rset = !self.clean;
+        self.clean = false;
+        self.transactions += 1;
+        let mail = self.mail_line(args);
+        let rcpt_line = format!("RCPT TO:<{rcpt}>");
+        let limit = self.timeouts.command;
+        if self.caps.pipelining {
+            let mut batch = String::new();
+            if need_rset {
+                batch.push_str("RSET\r\n");
+            }
+            batch.push_str(&mail);
+            batch.push_str("\r\n");
+            batch.push_str(&rcpt_line);
+            batch.push_str("\r\n");
+            self.send(Stage::Mail, batch.as_bytes(), limit).await?;
+            if need_rset {
+                let r = self.read_reply(Stage::Rset, limit).await?;
+                if !r.is_positive() {
+                    return Err(BackendError::Refused(Stage::Rset, r));
+                }
+            }
+            let mail = self.read_reply(Stage::Mail, limit).await?;
+            let rcpt = self.read_reply(Stage::Rcpt, limit).await?;
+            Ok(Begun {
+                mail,
+                rcpt: Some(rcpt),
+            })
+        } else {
+            if need_rset {
+                let r = self.command(Stage::Rset, "RSET").await?;
+                if !r.is_positive() {
+                    return Err(BackendError::Refused(Stage::Rset, r));
+                }
+            }
+            let mail = self.command(Stage::Mail, &mail).await?;
+            if !mail.is_positive() {
+                return Ok(Begun { mail, rcpt: None });
+            }
+            let rcpt = self.command(Stage::Rcpt, &rcpt_line).await?;
+            Ok(Begun {
+                mail,
+                rcpt: Some(rcpt),
+            })
+        }
+    }
+
+    pub async fn rcpt(&mut self, path: &str) -> Result<Reply, BackendError> {
+        self.command(Stage::Rcpt, &format!("RCPT TO:<{path}>"))
+            .await
+    }
+
+    /// Sends DATA; the caller streams the body only after a 354.
+    pub async fn data(&mut self) -> Result<Reply, BackendError> {
+        let limit = self.timeouts.data_init;
+        self.send(Stage::Data, b"DATA\r\n", limit).await?;
+        let reply = self.read_reply(Stage::Data, limit).await?;
+        self.in_data = reply.code == 354;
+        Ok(reply)
+    }
+
+    /// Writes a piece of the (unstuffed) message, dot-stuffing it on the way.
+    pub async fn body(&mut self, chunk: &[u8]) -> Result<(), BackendError> {
+        let mut wbuf = std::mem::take(&mut self.wbuf);
+        wbuf.clear();
+        self.stuffer.push(chunk, &mut wbuf);
+        let limit = self.timeouts.data_block;
+        let r = self.send(Stage::Body, &wbuf, limit).await;
+        self.wbuf = wbuf;
+        r
+    }
+
+    /// Ends the message with the terminating dot and returns the backend's
+    /// verdict on it. Only after this reply may the client hear success.
+    pub async fn finish(&mut self) -> Result<Reply, BackendError> {
+        let mut end = Vec::with_capacity(8);
+        self.stuffer.finish(&mut end);
+        let limit = self.timeouts.data_done;
+        self.send(Stage::DataDone, &end, limit).await?;
+        let reply = self.read_reply(Stage::DataDone, limit).await?;
+        self.in_data = false;
+        // After the final reply the server has reset its transaction state
+        // (RFC 5321 §4.1.1.4), whatever the outcome.
+        self.clean = true;
+        Ok(reply)
+    }
+
+    /// Aborts a transaction that has not reached DATA.
+    pub async fn reset(&mut self) -> Result<(), BackendError> {
+        let r = self.command(Stage::Rset, "RSET").await?;
+        if r.is_positive() {
+            self.clean = true;
+            Ok(())
+        } else {
+            Err(BackendError::Refused(Stage::Rset, r))
+        }
+    }
+
+    async fn quit(mut self) {
+        let limit = Duration::from_secs(2);
+        if self.send(Stage::Rset, b"QUIT\r\n", limit).await.is_ok() {
+            let _ = self.read_reply(Stage::Rset, limit).await;
+        }
+    }
+}
+
+/// The backend MTAs, in order of preference, and a pool of warm connections.
+pub struct Backend {
+    servers: Vec<BackendAddr>,
+    helo: String,
+    tls_mode: BackendTls,
+    tls: Option<(TlsConnector, Option<String>)>,
+    timeouts: BackendTimeouts,
+    pool_config: PoolConfig,
+    pool: Mutex<VecDeque<(Connection, Instant)>>,
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Backend")
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
+
+impl Backend {
+    pub fn new(config: &BackendConfig, helo: &str) -> Result<Arc<Backend>, crate::tls::TlsError> {
+        let tls = match config.tls {
+            BackendTls::None => None,
+            _ => Some((
+                TlsConnector::from(crate::tls::backend_client_config(
+                    config.ca_file.as_deref(),
+                )?),
+                config.server_name.clone(),
+            )),
+        };
+        Ok(Arc::new(Backend {
+            servers: config.servers.clone(),
+            helo: helo.to_string(),
+            tls_mode: config.tls,
+            tls,
+            timeouts: config.timeouts.clone(),
+            pool_config: config.pool.clone(),
+            pool: Mutex::new(VecDeque::new()),
+        }))
+    }
+
+    /// A connection ready for a transaction: a warm one from the pool if
+    /// there is one, else a new one to the first server that answers.
+    pub async fn checkout(&self) -> Result<Connection, BackendError> {
+        if let Some(conn) = self.take_idle() {
+            return Ok(conn);
+        }
+        self.connect_any().await
+    }
+
+    pub fn take_idle(&self) -> Option<Connection> {
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some((conn, since)) = pool.pop_back() {
+            if since.elapsed() < self.pool_config.idle_timeout {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection for reuse by any client. It is marked so that
+    /// its next transaction starts with RSET. A connection in the middle of
+    /// DATA is closed instead: closing is the only way to abort a message.
+    pub fn release(&self, mut conn: Connection) {
+        if conn.in_data {
+            return;
+        }
+        if self.pool_config.max_idle == 0 || conn.transactions >= self.pool_config.max_transactions
+        {
+            tokio::spawn(conn.quit());
+            return;
+        }
+        conn.clean = false;
+        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        // Drop connections the backend has probably timed out already.
+        while pool
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.pool_config.idle_timeout)
+        {
+            pool.pop_front();
+        }
+        if pool.len() >= self.pool_config.max_idle {
+            pool.pop_front();
+        }
+        pool.push_back((conn, now));
+    }
+
+    /// Connects to the servers in order; the first that greets wins.
+    pub async fn connect_any(&self) -> Result<Connection, BackendError> {
+        let mut failures = Vec::new();
+        for server in &self.servers {
+            match self.connect(server).await {
+                Ok(conn) => return Ok(conn),
+                Err(e) => {
+                    tracing::warn!(backend = %server, error = %e, "backend server unusable, trying the next");
+                    failures.push(format!("{server}: {e}"));
+                }
+            }
+        }
+        Err(BackendError::Unavailable(failures.join("; ")))
+    }
+
+    /// Checks that some backend answers with a 220 greeting (for readiness).
+    pub async fn probe(&self) -> Result<String, BackendError> {
+        let conn = self.connect_any().await?;
+        let server = conn.server.clone();
+        conn.quit().await;
+        Ok(server)
+    }
+
+    async fn connect(&self, server: &BackendAddr) -> Result<Connection, BackendError> {
+        let t = &self.timeouts;
+        let tcp = within(t.connect, Stage::Connect, async {
+            TcpStream::connect((server.host.as_str(), server.port))
+                .await
+                .map_err(|e| BackendError::Io(Stage::Connect, e))
+        })
+        .await?;
+        let _ = tcp.set_nodelay(true);
+        let mut conn = Connection {
+            stream: Stream::Plain(tcp),
+            rbuf: BytesMut::with_capacity(1024),
+            parser: ReplyParser::new(false),
+            caps: Capabilities::default(),
+            timeouts: t.clone(),
+            server: server.to_string(),
+            clean: true,
+            in_data: false,
+            transactions: 0,
+            stuffer: DotStuffer::new(),
+            wbuf: Vec::new(),
+        };
+        let greeting = conn.read_reply(Stage::Greeting, t.greeting).await?;
+        if greeting.code != 220 {
+            return Err(BackendError::Refused(Stage::Greeting, greeting));
+        }
+        self.hello(&mut conn).await?;
+        if self.tls_mode != BackendTls::None {
+            if conn.caps.starttls {
+                conn = self.starttls(conn, server).await?;
+            } else if self.tls_mode == BackendTls::Required {
+                return Err(BackendError::Tls(format!(
+                    "{server} does not offer STARTTLS and backend.tls is `required`"
+                )));
+            }
+        }
+        Ok(conn)
+    }
+
+    /// EHLO, or HELO for a server that does not know EHLO.
+    async fn hello(&self, conn: &mut Connection) -> Result<(), BackendError> {
+        let ehlo = conn
+            .command(Stage::Ehlo, &format!("EHLO {}", self.helo))
+            .await?;
+        if ehlo.is_positive() {
+            conn.caps = Capabilities::from_ehlo(&ehlo);
+            conn.parser.set_enhanced(conn.caps.enhanced_status_codes);
+            return Ok(());
+        }
+        if ehlo.is_transient() && ehlo.code == 421 {
+            return Err(BackendError::Refused(Stage::Ehlo, ehlo));
+        }
+        let helo = conn
+            .command(Stage::Ehlo, &format!("HELO {}", self.helo))
+            .await?;
+        if !helo.is_positive() {
+            return Err(BackendError::Refused(Stage::Ehlo, helo));
+        }
+        conn.caps = Capabilities::default();
+        conn.parser.set_enhanced(false);
+        Ok(())
+    }
+
+    async fn starttls(
+        &self,
+        mut conn: Connection,
+        server: &BackendAddr,
+    ) -> Result<Connection, BackendError> {
+        let Some((connector, name)) = &self.tls else {
+            return Ok(conn);
+        };
+        let reply = conn.command(Stage::StartTls, "STARTTLS").await?;
+        if reply.code != 220 {
+            return Err(BackendError::Refused(Stage::StartTls, reply));
+        }
+        if !conn.rbuf.is_empty() {
+            return Err(BackendError::Protocol(
+                Stage::StartTls,
+                "data after the STARTTLS reply".into(),
+            ));
+        }
+        let name = name.clone().unwrap_or_else(|| server.host.clone());
+        let server_name = ServerName::try_from(name.clone())
+            .map_err(|_| BackendError::Tls(format!("`{name}` is not a valid TLS server name")))?;
+        let Stream::Plain(tcp) = conn.stream else {
+            return Err(BackendError::Tls("STARTTLS on a TLS connection".into()));
+        };
+        let tls = within(self.timeouts.command, Stage::StartTls, async {
+            connector
+                .connect(server_name, tcp)
+                .await
+                .map_err(|e| BackendError::Tls(e.to_string()))
+        })
+        .await?;
+        conn.stream = Stream::Tls(Box::new(tls));
+        // RFC 3207: forget everything learned before TLS and ask again.
+        conn.caps = Capabilities::default();
+        self.hello(&mut conn).await?;
+        Ok(conn)
+    }
+}

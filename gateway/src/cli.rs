@@ -1,0 +1,177 @@
+//! The command line: parse flags, set up logging, run a subcommand.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::config::Config;
+use crate::demo;
+use crate::server::Server;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "relayguard",
+    version,
+    about = "SMTP relay gateway: verifies NTLM and relay permission in front of a legacy MTA"
+)]
+pub struct Cli {
+    /// Log format: readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run the gateway with a configuration file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file (and the files it names) and exit.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a self-contained demo: embedded configuration, built-in capture backend.
+    Demo {
+        /// SMTP listener address.
+        #[arg(long, default_value = "127.0.0.1:2525")]
+        smtp: SocketAddr,
+        /// Metrics listener address (served once metrics exist).
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        metrics: SocketAddr,
+        /// Print the embedded configuration and exit.
+        #[arg(long)]
+        print_config: bool,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RELAYGUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("relayguard: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Cmd::Run { config } => run(&config).await,
+            Cmd::Check { config } => check(&config),
+            Cmd::Demo {
+                smtp,
+                metrics: _,
+                print_config,
+            } => {
+                if print_config {
+                    print!("{}", demo::DEMO_CONFIG);
+                    return Ok(());
+                }
+                run_demo(smtp).await
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("relayguard: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    // Certificates and keys are part of the configuration: load them too.
+    for l in &config.listeners {
+        let pair = match (&l.certificate, &l.key, &config.tls) {
+            (Some(c), Some(k), _) => Some((c, k)),
+            (_, _, Some(t)) if l.tls != crate::config::TlsMode::None => {
+                Some((&t.certificate, &t.key))
+            }
+            _ => None,
+        };
+        if let Some((c, k)) = pair {
+            crate::tls::load_certified_key(c, k)
+                .map_err(|e| anyhow::anyhow!("listener `{}`: {e}", l.name))?;
+        }
+    }
+    if let Some(ca) = &config.backend.ca_file {
+        crate::tls::backend_client_config(Some(ca))?;
+    }
+    println!("{}: configuration is valid", path.display());
+    Ok(())
+}
+
+async fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    serve(config, Some(path.to_path_buf())).await
+}
+
+async fn run_demo(smtp: SocketAddr) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let backend = demo::start_capture_backend().await?;
+    let config = demo::demo_config(&demo::DemoOptions { smtp }, backend, dir.path())?;
+    println!("RelayGuard demo: SMTP on {smtp} (STARTTLS with a self-signed certificate), local domain example.test");
+    println!("capture backend on {backend}: one line per delivered message below");
+    serve(config, None).await
+}
+
+async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let server = Server::bind(config).await?;
+    for (name, addr) in server.local_addrs() {
+        tracing::info!(listener = %name, address = %addr, "listening");
+    }
+    let shared = server.shared.clone();
+    tokio::spawn(signals(shared, path));
+    server.run().await;
+    Ok(())
+}
+
+/// SIGTERM/SIGINT start a graceful shutdown; SIGHUP reloads what can be
+/// reloaded without dropping connections.
+async fn signals(shared: std::sync::Arc<crate::server::Shared>, path: Option<PathBuf>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); shared.shutdown.cancel(); }
+            _ = int.recv() => { tracing::info!("SIGINT received"); shared.shutdown.cancel(); }
+            _ = hup.recv() => crate::reload::reload(&shared, path.as_deref()),
+        }
+    }
+}

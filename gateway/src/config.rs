@@ -1,0 +1,668 @@
+//! The configuration file: parsed once, validated completely, then handed to
+//! the rest of the gateway as typed structs.
+//!
+//! Strictness is a security property here: a typo in a relay rule or a limit
+//! that silently falls back to a default is how open relays happen. Every
+//! struct denies unknown fields, and every error names the file, the line and
+//! the field so an operator can fix it without guessing.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration problem, located as precisely as the YAML parser allows.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{file}:{line}:{column}: field `{field}`: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        column: usize,
+        field: String,
+        message: String,
+    },
+    #[error("{file}: field `{field}`: {message}")]
+    Unlocated {
+        file: String,
+        field: String,
+        message: String,
+    },
+}
+
+/// Top-level configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Our name in the greeting, EHLO reply and Received headers.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    pub listeners: Vec<ListenerConfig>,
+    /// Default certificate for listeners that offer TLS without their own.
+    #[serde(default)]
+    pub tls: Option<CertConfig>,
+    pub backend: BackendConfig,
+    #[serde(default)]
+    pub smtp: SmtpConfig,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+}
+
+fn default_hostname() -> String {
+    "relayguard.localdomain".to_string()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default)]
+    pub tls: TlsMode,
+    /// Overrides the top-level `tls` certificate for this listener.
+    #[serde(default)]
+    pub certificate: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    /// Plain SMTP, no TLS offered.
+    #[default]
+    None,
+    /// Plain SMTP, STARTTLS offered when a certificate is configured.
+    Starttls,
+    /// TLS from the first byte (port 465, RFC 8314).
+    Implicit,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertConfig {
+    /// PEM file with the certificate chain, leaf first.
+    pub certificate: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// How often to look for a renewed certificate on disk; 0 disables.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(60)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Backend MTAs in order of preference; the next is tried when one
+    /// cannot be reached.
+    pub servers: Vec<BackendAddr>,
+    /// Name we send in EHLO/HELO to the backend (default: `hostname`).
+    #[serde(default)]
+    pub helo_name: Option<String>,
+    #[serde(default)]
+    pub tls: BackendTls,
+    /// PEM file with the CA (or the self-signed certificate) the backend's
+    /// certificate must chain to; without it the system roots are used.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify the backend certificate against (default: the host
+    /// part of the server address).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub timeouts: BackendTimeouts,
+    #[serde(default)]
+    pub pool: PoolConfig,
+}
+
+/// A backend address, `host:port`; names are resolved at connect time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for BackendAddr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(sa) = s.parse::<SocketAddr>() {
+            return Ok(BackendAddr {
+                host: sa.ip().to_string(),
+                port: sa.port(),
+            });
+        }
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` is not host:port"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{port}` is not a port number"))?;
+        let valid_host = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if !valid_host || port == 0 {
+            return Err(format!("`{s}` is not host:port"));
+        }
+        Ok(BackendAddr {
+            host: host.to_string(),
+            port,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for BackendAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendTls {
+    /// Plain SMTP to the backend (it is usually on a trusted segment).
+    #[default]
+    None,
+    /// STARTTLS when the backend offers it, plain otherwise.
+    Opportunistic,
+    /// STARTTLS required, certificate verified; a backend without it is
+    /// treated as down.
+    Required,
+}
+
+/// Client-side timeouts toward the backend (RFC 5321 §4.5.3.2 values as
+/// defaults).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendTimeouts {
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    #[serde(with = "humantime_serde")]
+    pub greeting: Duration,
+    /// EHLO, HELO, STARTTLS, RSET, MAIL and RCPT replies.
+    #[serde(with = "humantime_serde")]
+    pub command: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_init: Duration,
+    /// Writing one block of message data.
+    #[serde(with = "humantime_serde")]
+    pub data_block: Duration,
+    /// The reply to the final dot.
+    #[serde(with = "humantime_serde")]
+    pub data_done: Duration,
+}
+
+impl Default for BackendTimeouts {
+    fn default() -> Self {
+        BackendTimeouts {
+            connect: Duration::from_secs(10),
+            greeting: Duration::from_secs(300),
+            command: Duration::from_secs(300),
+            data_init: Duration::from_secs(120),
+            data_block: Duration::from_secs(180),
+            data_done: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Idle backend connections kept warm for reuse; 0 disables reuse.
+    pub max_idle: usize,
+    /// An idle connection older than this is closed rather than reused.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Transactions per backend connection before it is retired.
+    pub max_transactions: u32,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_idle: 32,
+            idle_timeout: Duration::from_secs(30),
+            max_transactions: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VrfyReply {
+    /// `252 2.5.0` "cannot VRFY user, but will accept message".
+    CannotVerify,
+    /// `502 5.5.1` command not implemented.
+    NotImplemented,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Wait this long before the greeting and refuse clients that talk
+    /// first (a common spambot trait). 0 checks only what already arrived.
+    #[serde(with = "humantime_serde")]
+    pub greeting_delay: Duration,
+    /// How VRFY and EXPN are answered; neither ever reveals a user.
+    pub vrfy: VrfyReply,
+    /// Lines that bare LF or bare CR in message data are handled by.
+    pub bare_line_endings: BareLineEndings,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        SmtpConfig {
+            greeting_delay: Duration::ZERO,
+            vrfy: VrfyReply::CannotVerify,
+            bare_line_endings: BareLineEndings::Reject,
+        }
+    }
+}
+
+/// What to do with a message whose data contains a bare LF or CR.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BareLineEndings {
+    /// Refuse the message (`550 5.6.0`): the SMTP smuggling defence.
+    Reject,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message accepted, in octets (advertised with SIZE).
+    pub max_message_size: u64,
+    pub max_recipients: usize,
+    /// Longest line of message text, including CRLF (RFC 5321: 1000).
+    pub max_line_length: usize,
+    /// Longest command line, including CRLF (RFC 5321: 512). AUTH lines
+    /// may be longer (RFC 4954: 12288) because they carry SASL data.
+    pub max_command_length: usize,
+    /// Commands that do not advance a transaction (NOOP, RSET, VRFY, HELP,
+    /// EHLO, …) allowed before the next MAIL.
+    pub max_junk_commands: u32,
+    /// Protocol errors before the session is closed with 421.
+    pub max_errors: u32,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Time to wait for the next command (RFC 5321 §4.5.3.2: 5 minutes).
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    /// Time to wait for the next block of message data.
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Time allowed for a TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 36_700_160,
+            max_recipients: 100,
+            max_line_length: 1000,
+            max_command_length: 512,
+            max_junk_commands: 100,
+            max_errors: 10,
+            max_connections: 10_000,
+            max_connections_per_ip: 50,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(180),
+            tls_handshake_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Domains RelayGuard accepts mail for (inbound): exact names or
+    /// `*.example.test` for every subdomain.
+    #[serde(default)]
+    pub local_domains: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// How long in-flight transactions may run after SIGTERM.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: file.clone(),
+            source,
+        })?;
+        let mut config = Config::from_yaml(&text, &file)?;
+        config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text; `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let de = serde_norway::Deserializer::from_str(text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let (line, column) = inner
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .unwrap_or((0, 0));
+            ConfigError::Invalid {
+                file: origin.to_string(),
+                line,
+                column,
+                field,
+                message: strip_location(&inner.to_string()),
+            }
+        })?;
+        config.validate(text, origin)?;
+        Ok(config)
+    }
+
+    /// Relative certificate paths are relative to the config file, so a
+    /// config directory can be moved (or mounted) as a whole.
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        if let Some(tls) = &mut self.tls {
+            fix(&mut tls.certificate);
+            fix(&mut tls.key);
+        }
+        for l in &mut self.listeners {
+            if let Some(c) = &mut l.certificate {
+                fix(c);
+            }
+            if let Some(k) = &mut l.key {
+                fix(k);
+            }
+        }
+        if let Some(ca) = &mut self.backend.ca_file {
+            fix(ca);
+        }
+    }
+
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let err = |field: String, needle: &str, message: String| {
+            located(text, origin, field, needle, message)
+        };
+        if self.listeners.is_empty() {
+            return Err(err(
+                "listeners".into(),
+                "listeners",
+                "at least one listener is required".into(),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut addrs = HashSet::new();
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty()
+                || !l
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(err(
+                    format!("listeners[{i}].name"),
+                    &l.name,
+                    "a listener name is letters, digits, `-` and `_`".into(),
+                ));
+            }
+            if !names.insert(&l.name) {
+                return Err(err(
+                    format!("listeners[{i}].name"),
+                    &l.name,
+                    format!("duplicate listener name `{}`", l.name),
+                ));
+            }
+            if l.address.port() != 0 && !addrs.insert(l.address) {
+                return Err(err(
+                    format!("listeners[{i}].address"),
+                    &l.address.to_string(),
+                    format!("two listeners on {}", l.address),
+                ));
+            }
+            if l.certificate.is_some() != l.key.is_some() {
+                return Err(err(
+                    format!("listeners[{i}].certificate"),
+                    &l.name,
+                    "`certificate` and `key` go together".into(),
+                ));
+            }
+            if l.tls != TlsMode::None && l.certificate.is_none() && self.tls.is_none() {
+                return Err(err(
+                    format!("listeners[{i}].tls"),
+                    &l.name,
+                    "TLS needs a certificate: set `certificate` and `key` here or a top-level `tls` section".into(),
+                ));
+            }
+        }
+        if self.backend.servers.is_empty() {
+            return Err(err(
+                "backend.servers".into(),
+                "servers",
+                "at least one backend server is required".into(),
+            ));
+        }
+        if self.hostname.is_empty()
+            || !self
+                .hostname
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        {
+            return Err(err(
+                "hostname".into(),
+                "hostname",
+                "hostname must be a DNS name".into(),
+            ));
+        }
+        let l = &self.limits;
+        let checks: [(&str, bool, &str); 8] = [
+            (
+                "max_message_size",
+                l.max_message_size >= 1024,
+                "must be at least 1024",
+            ),
+            (
+                "max_recipients",
+                l.max_recipients >= 1,
+                "must be at least 1",
+            ),
+            (
+                "max_line_length",
+                (80..=1_000_000).contains(&l.max_line_length),
+                "must be between 80 and 1000000",
+            ),
+            (
+                "max_command_length",
+                (512..=65_536).contains(&l.max_command_length),
+                "must be between 512 (RFC 5321) and 65536",
+            ),
+            ("max_errors", l.max_errors >= 1, "must be at least 1"),
+            (
+                "max_connections",
+                l.max_connections >= 1,
+                "must be at least 1",
+            ),
+            (
+                "max_connections_per_ip",
+                l.max_connections_per_ip >= 1,
+                "must be at least 1",
+            ),
+            (
+                "command_timeout",
+                !l.command_timeout.is_zero() && !l.data_timeout.is_zero(),
+                "timeouts must not be zero",
+            ),
+        ];
+        for (field, ok, message) in checks {
+            if !ok {
+                return Err(err(format!("limits.{field}"), field, message.into()));
+            }
+        }
+        for (i, d) in self.policy.local_domains.iter().enumerate() {
+            if let Err(e) = policy::relay::DomainPattern::parse(d) {
+                return Err(err(format!("policy.local_domains[{i}]"), d, e.to_string()));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn helo_name(&self) -> &str {
+        self.backend.helo_name.as_deref().unwrap_or(&self.hostname)
+    }
+}
+
+/// serde_norway appends "at line X column Y" itself; we print it in front.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+/// Builds an error for a check that runs after parsing, when the YAML
+/// parser's positions are gone: the line is that of the first occurrence of
+/// `needle` in the text, which is where an operator would look.
+fn located(text: &str, origin: &str, field: String, needle: &str, message: String) -> ConfigError {
+    let hit = (!needle.is_empty())
+        .then(|| {
+            text.lines()
+                .enumerate()
+                .find_map(|(n, l)| l.find(needle).map(|c| (n + 1, c + 1)))
+        })
+        .flatten();
+    match hit {
+        Some((line, column)) => ConfigError::Invalid {
+            file: origin.to_string(),
+            line,
+            column,
+            field,
+            message,
+        },
+        None => ConfigError::Unlocated {
+            file: origin.to_string(),
+            field,
+            message,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\nbackend:\n  servers: [\"127.0.0.1:25\"]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = Config::from_yaml(MINIMAL, "t.yaml").unwrap();
+        assert_eq!(c.listeners[0].tls, TlsMode::None);
+        assert_eq!(c.limits.max_recipients, 100);
+        assert_eq!(c.backend.servers[0].to_string(), "127.0.0.1:25");
+    }
+
+    #[test]
+    fn unknown_field_is_located() {
+        let text = MINIMAL.replace("    address:", "    adress: x\n    address:");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:3:"), "{e}");
+        assert!(e.contains("listeners[0]"), "{e}");
+        assert!(e.contains("adress"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value_is_located() {
+        let text = MINIMAL.replace("2525\n", "2525\n    tls: maybe\n");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:4:"), "{e}");
+        assert!(e.contains("listeners[0].tls"), "{e}");
+    }
+
+    #[test]
+    fn starttls_without_certificate_is_refused() {
+        let text = MINIMAL.replace("2525\n", "2525\n    tls: starttls\n");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("listeners[0].tls"), "{e}");
+        assert!(e.contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_listener_names_are_refused() {
+        let text = MINIMAL.replace(
+            "backend:",
+            "  - name: smtp\n    address: 127.0.0.1:2526\nbackend:",
+        );
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("listeners[1].name"), "{e}");
+        assert!(e.contains("duplicate"), "{e}");
+    }
+
+    #[test]
+    fn backend_address_forms() {
+        assert!("mx.example.test:25".parse::<BackendAddr>().is_ok());
+        assert!("[::1]:25".parse::<BackendAddr>().is_ok());
+        assert!("mx.example.test".parse::<BackendAddr>().is_err());
+        assert!("bad host:25".parse::<BackendAddr>().is_err());
+    }
+
+    #[test]
+    fn durations_are_human() {
+        let text = format!("{MINIMAL}limits:\n  command_timeout: 2m\n");
+        let c = Config::from_yaml(&text, "t.yaml").unwrap();
+        assert_eq!(c.limits.command_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn bad_local_domain_is_refused() {
+        let text = format!("{MINIMAL}policy:\n  local_domains: [\"exa mple.test\"]\n");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("policy.local_domains[0]"), "{e}");
+        assert!(e.starts_with("t.yaml:7:"), "{e}");
+    }
+}

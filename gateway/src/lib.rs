@@ -1,0 +1,16 @@
+//! RelayGuard: an SMTP relay gateway placed in front of a legacy MTA.
+//!
+//! Request path: client ─▶ [`server`] (admission, TLS) ─▶ [`session`]
+//! (SMTP state machine, asks `policy`) ─▶ [`backend`] (SMTP client) ─▶ MTA.
+//! Parsing lives in [`smtp`] and never touches a socket.
+#![forbid(unsafe_code)]
+
+pub mod backend;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod reload;
+pub mod server;
+pub mod session;
+pub mod smtp;
+pub mod tls;

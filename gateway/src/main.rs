@@ -1,0 +1,4 @@
+//! The `relayguard` binary; everything lives in the library.
+fn main() -> std::process::ExitCode {
+    relayguard::cli::main()
+}

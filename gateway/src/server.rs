@@ -1,0 +1,376 @@
+//! Listeners, connection admission and graceful shutdown.
+//!
+//! Everything is validated and every port bound before the first
+//! connection is accepted, so a bad configuration never half-starts.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::backend::Backend;
+use crate::config::{Config, TlsMode};
+use crate::session::{replies, Conversation, Outcome, Session};
+use crate::tls::{CertStore, TlsInfo};
+use policy::relay::RelayPolicy;
+
+/// State shared by every session.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub policy: ArcSwap<RelayPolicy>,
+    pub backend: Arc<Backend>,
+    pub shutdown: CancellationToken,
+    limits: ConnectionLimits,
+    listener_certs: Vec<Arc<CertStore>>,
+}
+
+impl Shared {
+    /// The certificate stores of the TLS listeners (for reload).
+    pub fn listener_certs(&self) -> &[Arc<CertStore>] {
+        &self.listener_certs
+    }
+}
+
+/// One configured listener, with its TLS acceptor when it has a certificate.
+pub struct ListenerInfo {
+    pub name: String,
+    pub mode: TlsMode,
+    pub acceptor: Option<TlsAcceptor>,
+    pub certs: Option<Arc<CertStore>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("listener `{name}`: cannot bind {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("listener `{name}`: {source}")]
+    Tls {
+        name: String,
+        source: crate::tls::TlsError,
+    },
+    #[error("backend: {0}")]
+    BackendTls(crate::tls::TlsError),
+    #[error("policy: {0}")]
+    Policy(#[from] policy::relay::PatternError),
+}
+
+/// Caps on concurrent connections, in total and per client address.
+struct ConnectionLimits {
+    total: Arc<Semaphore>,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    max_per_ip: usize,
+}
+
+/// Holds a connection's place in both limits until dropped.
+struct Admission {
+    _permit: OwnedSemaphorePermit,
+    ip: IpAddr,
+    per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+enum Refusal {
+    Total,
+    PerIp,
+}
+
+impl ConnectionLimits {
+    fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {
+        let permit = self
+            .total
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Refusal::Total)?;
+        let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err(Refusal::PerIp);
+        }
+        *n += 1;
+        Ok(Admission {
+            _permit: permit,
+            ip,
+            per_ip: self.per_ip.clone(),
+        })
+    }
+}
+
+/// A started gateway: bound listeners, ready to serve.
+pub struct Server {
+    pub shared: Arc<Shared>,
+    listeners: Vec<(Arc<ListenerInfo>, TcpListener)>,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Loads certificates, builds the backend client and binds every
+    /// listener. Nothing is accepted yet.
+    pub async fn bind(config: Config) -> Result<Server, StartError> {
+        let config = Arc::new(config);
+        let policy = RelayPolicy::new(&config.policy.local_domains)?;
+        let backend =
+            Backend::new(&config.backend, config.helo_name()).map_err(StartError::BackendTls)?;
+        let mut listeners = Vec::new();
+        for l in &config.listeners {
+            let certs = match (&l.certificate, &l.key, &config.tls) {
+                (Some(c), Some(k), _) => Some((c.clone(), k.clone(), Duration::from_secs(60))),
+                (_, _, Some(t)) if l.tls != TlsMode::None => {
+                    Some((t.certificate.clone(), t.key.clone(), t.reload_interval))
+                }
+                _ => None,
+            };
+            let (acceptor, store) = match certs {
+                Some((c, k, interval)) if l.tls != TlsMode::None => {
+                    let store = CertStore::load(&c, &k).map_err(|source| StartError::Tls {
+                        name: l.name.clone(),
+                        source,
+                    })?;
+                    store.spawn_reloader(interval);
+                    (
+                        Some(TlsAcceptor::from(crate::tls::server_config(store.clone()))),
+                        Some(store),
+                    )
+                }
+                _ => (None, None),
+            };
+            let tcp = TcpListener::bind(l.address)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: l.name.clone(),
+                    addr: l.address,
+                    source,
+                })?;
+            listeners.push((
+                Arc::new(ListenerInfo {
+                    name: l.name.clone(),
+                    mode: l.tls,
+                    acceptor,
+                    certs: store,
+                }),
+                tcp,
+            ));
+        }
+        let limits = ConnectionLimits {
+            total: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            max_per_ip: config.limits.max_connections_per_ip,
+        };
+        let listener_certs = listeners
+            .iter()
+            .filter_map(|(i, _)| i.certs.clone())
+            .collect();
+        let shared = Arc::new(Shared {
+            listener_certs,
+            config,
+            policy: ArcSwap::from_pointee(policy),
+            backend,
+            shutdown: CancellationToken::new(),
+            limits,
+        });
+        Ok(Server {
+            shared,
+            listeners,
+            tracker: TaskTracker::new(),
+        })
+    }
+
+    /// The bound address of each listener, by name (useful with port 0).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.listeners
+            .iter()
+            .filter_map(|(info, l)| Some((info.name.clone(), l.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains: idle sessions are
+    /// told 421 at once, transactions in flight may finish until the drain
+    /// deadline.
+    pub async fn run(self) {
+        let Server {
+            shared,
+            listeners,
+            tracker,
+        } = self;
+        for (info, listener) in listeners {
+            let shared = shared.clone();
+            let tracker2 = tracker.clone();
+            tracker.spawn(accept_loop(shared, info, listener, tracker2));
+        }
+        shared.shutdown.cancelled().await;
+        tracker.close();
+        let drain = shared.config.shutdown.drain_timeout;
+        tracing::info!(
+            drain_seconds = drain.as_secs_f64(),
+            "shutting down: no new connections, draining sessions"
+        );
+        if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                remaining = tracker.len(),
+                "drain deadline reached; closing remaining sessions"
+            );
+        } else {
+            tracing::info!("all sessions finished");
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    listener: TcpListener,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shared.shutdown.cancelled() => return,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(listener = %info.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match shared.limits.admit(peer.ip()) {
+            Ok(admission) => {
+                let shared = shared.clone();
+                let info = info.clone();
+                tracker.spawn(async move {
+                    handle(shared, info, tcp, peer).await;
+                    drop(admission);
+                });
+            }
+            Err(refusal) => {
+                let (reply, reason) = match refusal {
+                    Refusal::Total => (replies::too_many_connections(), "max_connections"),
+                    Refusal::PerIp => (replies::too_many_from_ip(), "max_connections_per_ip"),
+                };
+                tracing::warn!(listener = %info.name, client = %peer, reason, "connection refused");
+                if info.mode != TlsMode::Implicit {
+                    tokio::spawn(refuse(tcp, reply));
+                }
+            }
+        }
+    }
+}
+
+async fn refuse(mut tcp: TcpStream, reply: crate::smtp::reply::Reply) {
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = tcp.write_all(&out).await;
+        let _ = tcp.shutdown().await;
+    })
+    .await;
+}
+
+fn session_id() -> String {
+    use rand::Rng;
+    const ALPHABET: &[u8] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut rng = rand::thread_rng();
+    (0..12)
+        .map(|_| ALPHABET[rng.gen_range(0..32)] as char)
+        .collect()
+}
+
+/// Is the client sending before it was greeted? Waits up to `delay`.
+async fn talks_first(tcp: &TcpStream, delay: Duration) -> bool {
+    if !delay.is_zero() && tokio::time::timeout(delay, tcp.readable()).await.is_err() {
+        return false;
+    }
+    let mut probe = [0u8; 1];
+    matches!(tcp.try_read(&mut probe), Ok(n) if n > 0)
+}
+
+async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, peer: SocketAddr) {
+    let mut conv = Conversation::new(session_id(), peer, info.clone(), shared.clone());
+    tracing::debug!(session = %conv.id, client = %peer, listener = %info.name, "connection accepted");
+    let handshake_timeout = shared.config.limits.tls_handshake_timeout;
+    match (info.mode, &info.acceptor) {
+        (TlsMode::Implicit, Some(acceptor)) => {
+            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => {
+                    conv.tls = TlsInfo::from_connection(tls.get_ref().1);
+                    finish(Session::new(tls, conv).greet_and_run().await);
+                }
+                Ok(Err(e)) => {
+                    tracing::info!(session = %conv.id, client = %peer, error = %e, "TLS handshake failed");
+                }
+                Err(_) => {
+                    tracing::info!(session = %conv.id, client = %peer, "TLS handshake timed out");
+                }
+            }
+        }
+        _ => {
+            let mut tcp = tcp;
+            if talks_first(&tcp, shared.config.smtp.greeting_delay).await {
+                tracing::warn!(session = %conv.id, client = %peer, "early talker refused");
+                let mut out = Vec::new();
+                replies::early_talker().write_to(&mut out);
+                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
+                conv.end = "early_talker";
+                conv.log_summary();
+                return;
+            }
+            match Session::new(tcp, conv).greet_and_run().await {
+                Outcome::Closed(conv) => conv.log_summary(),
+                Outcome::StartTls(tcp, mut conv) => {
+                    let Some(acceptor) = info.acceptor.as_ref() else {
+                        conv.log_summary();
+                        return;
+                    };
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            conv.tls = TlsInfo::from_connection(tls.get_ref().1);
+                            // RFC 3207: no greeting after STARTTLS; the
+                            // client starts again with EHLO.
+                            finish(Session::new(tls, conv).run().await);
+                        }
+                        Ok(Err(e)) => {
+                            conv.end = "tls_handshake_failed";
+                            tracing::info!(session = %conv.id, client = %peer, error = %e, "STARTTLS handshake failed");
+                            conv.log_summary();
+                        }
+                        Err(_) => {
+                            conv.end = "tls_handshake_timeout";
+                            conv.log_summary();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn finish<S>(outcome: Outcome<S>) {
+    match outcome {
+        Outcome::Closed(conv) | Outcome::StartTls(_, conv) => conv.log_summary(),
+    }
+}

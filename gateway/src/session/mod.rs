@@ -1,0 +1,798 @@
+//! One client SMTP session, as an explicit state machine.
+//!
+//! ```text
+//!            EHLO/HELO            MAIL                 RCPT (≥1 accepted)
+//!   Fresh ─────────────▶ Ready ─────────▶ Transaction ───────────────┐
+//!     ▲                   ▲  ▲               │  RSET / EHLO          │ DATA → 354
+//!     │ STARTTLS (TLS,    │  └───────────────┘                       ▼
+//!     │ state discarded)  └────────────── final reply ◀──── body streamed to backend
+//! ```
+//!
+//! Commands are parsed by [`crate::smtp`] (no I/O there); this module does
+//! the I/O, asks the policy, talks to the backend, and decides replies. It
+//! is generic over the stream so the same code runs over TCP, TLS, or an
+//! in-memory pipe.
+//!
+//! Invariant: a client hears 250 for a message only after the backend
+//! said 250 for it. Any doubt ends in a 4xx so the client retries.
+
+pub mod received;
+pub mod replies;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::backend::{BackendError, Connection, MailArgs};
+use crate::config::{TlsMode, VrfyReply};
+use crate::server::{ListenerInfo, Shared};
+use crate::smtp::command::{self, Body, Command, Domain, MailParams, Path, ReversePath};
+use crate::smtp::data::{DataReceiver, DataStatus};
+use crate::smtp::line::{LineError, LineReader};
+use crate::smtp::reply::Reply;
+use crate::tls::TlsInfo;
+use policy::relay::{Decision, RecipientDomain, RelayPolicy};
+
+/// RFC 4954 §4: AUTH lines may carry up to 12288 octets of SASL data.
+const MAX_AUTH_LINE: usize = 12_288;
+/// Flush replies once this much is queued even if the client keeps
+/// pipelining, so a flood of commands cannot grow the buffer unbounded.
+const MAX_PENDING_OUTPUT: usize = 16 * 1024;
+const COMMAND_READ_CHUNK: usize = 1024;
+const DATA_READ_CHUNK: usize = 16 * 1024;
+
+/// What outlives a STARTTLS: the identity of the session and its counters.
+/// Everything learned from the client before TLS lives in [`Session`] and
+/// is dropped with it.
+pub struct Conversation {
+    pub id: String,
+    pub peer: SocketAddr,
+    pub listener: Arc<ListenerInfo>,
+    pub shared: Arc<Shared>,
+    pub tls: Option<TlsInfo>,
+    pub started: Instant,
+    pub errors: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub helo: Option<String>,
+    pub transactions: Vec<String>,
+    /// Why the session ended, for the summary line.
+    pub end: &'static str,
+}
+
+impl Conversation {
+    pub fn new(
+        id: String,
+        peer: SocketAddr,
+        listener: Arc<ListenerInfo>,
+        shared: Arc<Shared>,
+    ) -> Self {
+        Conversation {
+            id,
+            peer,
+            listener,
+            shared,
+            tls: None,
+            started: Instant::now(),
+            errors: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            helo: None,
+            transactions: Vec::new(),
+            end: "closed",
+        }
+    }
+
+    /// The one summary line per session.
+    pub fn log_summary(&self) {
+        let tls = self
+            .tls
+            .as_ref()
+            .map(|t| format!("{} {}", t.version, t.cipher))
+            .unwrap_or_else(|| "none".into());
+        tracing::info!(
+            session = %self.id,
+            client = %self.peer,
+            listener = %self.listener.name,
+            tls = %tls,
+            helo = self.helo.as_deref().unwrap_or("-"),
+            auth = "none",
+            transactions = %self.transactions.join(" | "),
+            bytes_in = self.bytes_in,
+            bytes_out = self.bytes_out,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            end = self.end,
+            "session closed"
+        );
+    }
+}
+
+/// How a session run ended.
+pub enum Outcome<S> {
+    Closed(Conversation),
+    /// The client asked for TLS and nothing was pipelined after it: the
+    /// caller performs the handshake and starts a fresh [`Session`].
+    StartTls(S, Conversation),
+}
+
+/// An accepted MAIL FROM and what followed.
+struct Transaction {
+    from: ReversePath,
+    params: MailParams,
+    /// Fixed at MAIL: a policy reload never changes a transaction midway.
+    policy: Arc<RelayPolicy>,
+    rcpt_attempts: usize,
+    accepted: Vec<Path>,
+    backend: Option<Connection>,
+    /// The backend refused MAIL: every later RCPT gets this reply.
+    mail_refused: Option<Reply>,
+    refused: usize,
+}
+
+impl Transaction {
+    fn sender(&self) -> &str {
+        match &self.from {
+            ReversePath::Null => "",
+            ReversePath::Path(p) => &p.raw,
+        }
+    }
+}
+
+enum State {
+    /// Connected; no EHLO/HELO yet (or discarded by STARTTLS).
+    Fresh,
+    /// Greeted, no transaction.
+    Ready,
+    Transaction(Box<Transaction>),
+}
+
+/// What the command loop does after a command.
+enum Flow {
+    Continue,
+    Close,
+    StartTls,
+    Data,
+}
+
+pub struct Session<S> {
+    io: S,
+    conv: Conversation,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    lines: LineReader,
+    state: State,
+    esmtp: bool,
+    junk: u32,
+    /// Bytes of a refused BDAT chunk still to be thrown away.
+    discard: u64,
+    /// Backend connection kept between this client's transactions.
+    idle_backend: Option<Connection>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(io: S, conv: Conversation) -> Self {
+        Session {
+            io,
+            conv,
+            rbuf: BytesMut::new(),
+            wbuf: Vec::new(),
+            lines: LineReader::new(MAX_AUTH_LINE),
+            state: State::Fresh,
+            esmtp: false,
+            junk: 0,
+            discard: 0,
+            idle_backend: None,
+        }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.conv.shared
+    }
+
+    fn reply(&mut self, r: Reply) {
+        r.write_to(&mut self.wbuf);
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        self.conv.bytes_out += self.wbuf.len() as u64;
+        let res = self.io.write_all(&self.wbuf).await;
+        self.wbuf.clear();
+        res?;
+        self.io.flush().await
+    }
+
+    /// Sends the greeting, then runs the command loop.
+    pub async fn greet_and_run(mut self) -> Outcome<S> {
+        let host = self.shared().config.hostname.clone();
+        self.reply(replies::greeting(&host));
+        if self.flush().await.is_err() {
+            return self.close("client_gone");
+        }
+        self.run().await
+    }
+
+    fn close(mut self, why: &'static str) -> Outcome<S> {
+        self.conv.end = why;
+        self.release_backend();
+        Outcome::Closed(self.conv)
+    }
+
+    fn release_backend(&mut self) {
+        let tx_backend = match std::mem::replace(&mut self.state, State::Fresh) {
+            State::Transaction(tx) => tx.backend,
+            _ => None,
+        };
+        for conn in [tx_backend, self.idle_backend.take()].into_iter().flatten() {
+            self.conv.shared.backend.release(conn);
+        }
+    }
+
+    fn in_transaction(&self) -> bool {
+        matches!(self.state, State::Transaction(_))
+    }
+
+    /// The command loop: take every complete line in the buffer, answer it,
+    /// flush the answers when the buffer runs dry (RFC 2920), read more.
+    pub async fn run(mut self) -> Outcome<S> {
+        loop {
+            if self.discard > 0 {
+                let n = self.discard.min(self.rbuf.len() as u64) as usize;
+                self.rbuf.advance(n);
+                self.discard -= n as u64;
+            }
+            while self.discard == 0 {
+                let Some(line) = self.lines.next_line(&mut self.rbuf) else {
+                    break;
+                };
+                let flow = match line {
+                    Ok(line) => self.command(&line).await,
+                    Err(e) => self.line_error(e),
+                };
+                match flow {
+                    Flow::Continue => {}
+                    Flow::Close => {
+                        let _ = self.flush().await;
+                        return self.close("quit_or_refused");
+                    }
+                    Flow::StartTls => {
+                        if !self.rbuf.is_empty() {
+                            // CVE-2011-0411 class: plaintext injected after
+                            // STARTTLS would be run as if it came over TLS.
+                            self.reply(replies::pipelined_after_starttls());
+                            let _ = self.flush().await;
+                            return self.close("starttls_injection");
+                        }
+                        self.reply(replies::ready_for_tls());
+                        if self.flush().await.is_err() {
+                            return self.close("client_gone");
+                        }
+                        self.release_backend();
+                        return Outcome::StartTls(self.io, self.conv);
+                    }
+                    Flow::Data => {
+                        if self.flush().await.is_err() {
+                            return self.close("client_gone");
+                        }
+                        if let Err(why) = self.receive_data().await {
+                            return self.close(why);
+                        }
+                    }
+                }
+                if self.wbuf.len() >= MAX_PENDING_OUTPUT && self.flush().await.is_err() {
+                    return self.close("client_gone");
+                }
+            }
+            if self.flush().await.is_err() {
+                return self.close("client_gone");
+            }
+            if !self.in_transaction() && self.shared().shutdown.is_cancelled() {
+                let host = self.shared().config.hostname.clone();
+                self.reply(replies::shutting_down(&host));
+                let _ = self.flush().await;
+                return self.close("shutdown");
+            }
+            match self.read_more(COMMAND_READ_CHUNK).await {
+                Ok(()) => {}
+                Err(why) => {
+                    if why == "timeout" {
+                        let host = self.shared().config.hostname.clone();
+                        self.reply(replies::timeout(&host));
+                        let _ = self.flush().await;
+                    } else if why == "shutdown" {
+                        let host = self.shared().config.hostname.clone();
+                        self.reply(replies::shutting_down(&host));
+                        let _ = self.flush().await;
+                    }
+                    return self.close(why);
+                }
+            }
+        }
+    }
+
+    /// Reads more client input. While idle (no transaction) a shutdown
+    /// interrupts the wait so the client can be told 421 at once.
+    async fn read_more(&mut self, chunk: usize) -> Result<(), &'static str> {
+        let timeout = if chunk == DATA_READ_CHUNK {
+            self.shared().config.limits.data_timeout
+        } else {
+            self.shared().config.limits.command_timeout
+        };
+        let shutdown = self.conv.shared.shutdown.clone();
+        let idle = !self.in_transaction() && chunk == COMMAND_READ_CHUNK;
+        self.rbuf.reserve(chunk);
+        let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.rbuf));
+        let n = tokio::select! {
+            r = read => match r {
+                Err(_) => return Err("timeout"),
+                Ok(Err(_)) => return Err("client_gone"),
+                Ok(Ok(0)) => return Err("client_gone"),
+                Ok(Ok(n)) => n,
+            },
+            _ = shutdown.cancelled(), if idle => return Err("shutdown"),
+        };
+        self.conv.bytes_in += n as u64;
+        Ok(())
+    }
+
+    /// Counts a protocol error; too many end the session.
+    fn error(&mut self, r: Reply) -> Flow {
+        self.conv.errors += 1;
+        if self.conv.errors >= self.shared().config.limits.max_errors {
+            self.reply(replies::too_many_errors());
+            return Flow::Close;
+        }
+        self.reply(r);
+        Flow::Continue
+    }
+
+    fn line_error(&mut self, e: LineError) -> Flow {
+        let r = match e {
+            LineError::TooLong => replies::line_too_long(),
+            LineError::BareLf => replies::bare_lf(),
+            LineError::Nul => replies::nul_in_command(),
+        };
+        self.error(r)
+    }
+
+    /// Counts a command that does not advance a transaction.
+    fn junk(&mut self) -> bool {
+        self.junk += 1;
+        if self.junk > self.shared().config.limits.max_junk_commands {
+            self.reply(replies::too_many_junk());
+            return false;
+        }
+        true
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Flow {
+        let is_auth = line.len() >= 5 && line[..5].eq_ignore_ascii_case(b"AUTH ");
+        if !is_auth && line.len() + 2 > self.shared().config.limits.max_command_length {
+            return self.error(replies::line_too_long());
+        }
+        let cmd = match command::parse(line) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                let in_mail = line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"MAIL");
+                return self.error(replies::command_error(&e, in_mail));
+            }
+        };
+        if !self.in_transaction() && self.shared().shutdown.is_cancelled() && cmd != Command::Quit {
+            let host = self.shared().config.hostname.clone();
+            self.reply(replies::shutting_down(&host));
+            return Flow::Close;
+        }
+        match cmd {
+            Command::Ehlo(name) => self.hello(name, true).await,
+            Command::Helo(name) => self.hello(name, false).await,
+            Command::Mail { from, params } => self.mail(from, params),
+            Command::Rcpt { to } => self.rcpt(to).await,
+            Command::Data => self.data().await,
+            Command::Bdat { size, .. } => {
+                // RFC 3030 §4: a refused chunk is still consumed, so its
+                // bytes are never read as commands.
+                if size > self.shared().config.limits.max_message_size {
+                    self.reply(replies::bdat_refused());
+                    return Flow::Close;
+                }
+                self.discard = size;
+                self.error(replies::bdat_refused())
+            }
+            Command::Rset => {
+                if !self.junk() {
+                    return Flow::Close;
+                }
+                self.end_transaction();
+                self.reply(replies::ok());
+                Flow::Continue
+            }
+            Command::Noop => {
+                if !self.junk() {
+                    return Flow::Close;
+                }
+                self.reply(replies::ok());
+                Flow::Continue
+            }
+            Command::Quit => {
+                let host = self.shared().config.hostname.clone();
+                self.reply(replies::bye(&host));
+                Flow::Close
+            }
+            Command::Help(_) => {
+                if !self.junk() {
+                    return Flow::Close;
+                }
+                self.reply(replies::help());
+                Flow::Continue
+            }
+            Command::Vrfy(_) | Command::Expn(_) => {
+                if !self.junk() {
+                    return Flow::Close;
+                }
+                let r = match self.shared().config.smtp.vrfy {
+                    VrfyReply::CannotVerify => replies::vrfy_cannot(),
+                    VrfyReply::NotImplemented => replies::not_implemented(),
+                };
+                self.reply(r);
+                Flow::Continue
+            }
+            Command::StartTls => {
+                if self.conv.tls.is_some() {
+                    self.error(replies::tls_already())
+                } else if !self.starttls_offered() {
+                    self.error(replies::tls_unavailable())
+                } else if self.in_transaction() {
+                    self.error(replies::in_transaction())
+                } else {
+                    Flow::StartTls
+                }
+            }
+            Command::Auth { .. } => self.error(replies::not_implemented()),
+        }
+    }
+
+    fn starttls_offered(&self) -> bool {
+        self.conv.listener.mode == TlsMode::Starttls
+            && self.conv.listener.acceptor.is_some()
+            && self.conv.tls.is_none()
+    }
+
+    /// Ends the current transaction (RSET, EHLO). The backend connection is
+    /// kept for the next one; its next transaction starts with RSET.
+    fn end_transaction(&mut self) {
+        if let State::Transaction(tx) = std::mem::replace(&mut self.state, State::Ready) {
+            if let Some(conn) = tx.backend {
+                self.idle_backend = Some(conn);
+            }
+        }
+    }
+
+    async fn hello(&mut self, name: String, esmtp: bool) -> Flow {
+        if matches!(self.state, State::Fresh) {
+            self.state = State::Ready;
+        } else {
+            if !self.junk() {
+                return Flow::Close;
+            }
+            self.end_transaction();
+        }
+        self.esmtp = esmtp;
+        self.conv.helo = Some(name.chars().take(255).collect());
+        let host = self.shared().config.hostname.clone();
+        let client = self.conv.peer.ip().to_string();
+        if !esmtp {
+            self.reply(replies::helo_ok(&host, &client));
+            return Flow::Continue;
+        }
+        let mut lines = vec![
+            format!("{host} Hello {client}"),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.shared().config.limits.max_message_size),
+            "8BITMIME".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+        ];
+        if self.starttls_offered() {
+            lines.push("STARTTLS".to_string());
+        }
+        self.reply(Reply::multi(250, None, lines));
+        Flow::Continue
+    }
+
+    fn mail(&mut self, from: ReversePath, params: MailParams) -> Flow {
+        match self.state {
+            State::Fresh => return self.error(replies::need_helo()),
+            State::Transaction(_) => return self.error(replies::nested_mail()),
+            State::Ready => {}
+        }
+        let max = self.shared().config.limits.max_message_size;
+        if params.size.is_some_and(|s| s > max) {
+            self.reply(replies::size_exceeded(max));
+            return Flow::Continue;
+        }
+        self.junk = 0;
+        let policy = self.shared().policy.load_full();
+        self.state = State::Transaction(Box::new(Transaction {
+            from,
+            params,
+            policy,
+            rcpt_attempts: 0,
+            accepted: Vec::new(),
+            backend: None,
+            mail_refused: None,
+            refused: 0,
+        }));
+        self.reply(replies::sender_ok());
+        Flow::Continue
+    }
+
+    async fn rcpt(&mut self, to: Path) -> Flow {
+        let max_rcpts = self.shared().config.limits.max_recipients;
+        let State::Transaction(tx) = &mut self.state else {
+            let r = if matches!(self.state, State::Fresh) {
+                replies::need_helo()
+            } else {
+                replies::need_mail()
+            };
+            return self.error(r);
+        };
+        if tx.rcpt_attempts >= max_rcpts {
+            self.reply(replies::too_many_recipients());
+            return Flow::Continue;
+        }
+        tx.rcpt_attempts += 1;
+        let domain = match &to.mailbox.domain {
+            Domain::Name(d) if d.is_empty() => RecipientDomain::Postmaster,
+            Domain::Name(d) => RecipientDomain::Name(d),
+            Domain::AddressLiteral(a) => RecipientDomain::AddressLiteral(a),
+        };
+        let decision = tx.policy.check_recipient(domain);
+        if let Decision::DenyRelay { reason } = &decision {
+            tx.refused += 1;
+            tracing::info!(
+                session = %self.conv.id,
+                client = %self.conv.peer,
+                from = %tx.sender(),
+                to = %to.raw,
+                decision = decision.label(),
+                reason = *reason,
+                "recipient refused"
+            );
+            self.reply(replies::relay_denied());
+            return Flow::Continue;
+        }
+        if let Some(refusal) = &tx.mail_refused {
+            let r = replies::mirror(refusal, (1, 0));
+            self.reply(r);
+            return Flow::Continue;
+        }
+        let reply = match tx.backend.as_mut() {
+            Some(conn) => conn.rcpt(&to.raw).await.map(Opened::Rcpt),
+            None => {
+                let idle = self.idle_backend.take();
+                begin_backend(&self.conv.shared, idle, tx, &to.raw).await
+            }
+        };
+        match reply {
+            Ok(Opened::MailRefused(m)) => {
+                tracing::warn!(session = %self.conv.id, reply = %m.text(), "backend refused MAIL FROM");
+                let r = replies::mirror(&m, (1, 0));
+                tx.mail_refused = Some(m);
+                self.reply(r);
+            }
+            Ok(Opened::Rcpt(rcpt_reply)) => {
+                if rcpt_reply.is_positive() {
+                    tx.accepted.push(to);
+                }
+                let r = replies::mirror(&rcpt_reply, (1, 5));
+                self.reply(r);
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.conv.id, error = %e, "backend unavailable for RCPT");
+                // The connection (if any) is in an unknown state: drop it.
+                tx.backend = None;
+                self.reply(replies::backend_unavailable());
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn data(&mut self) -> Flow {
+        let State::Transaction(tx) = &mut self.state else {
+            let r = if matches!(self.state, State::Fresh) {
+                replies::need_helo()
+            } else {
+                replies::need_mail()
+            };
+            return self.error(r);
+        };
+        if tx.rcpt_attempts == 0 {
+            return self.error(replies::need_rcpt());
+        }
+        let Some(conn) = tx.backend.as_mut().filter(|_| !tx.accepted.is_empty()) else {
+            self.reply(replies::no_valid_recipients());
+            return Flow::Continue;
+        };
+        match conn.data().await {
+            Ok(r) if r.code == 354 => {
+                self.reply(replies::start_data());
+                Flow::Data
+            }
+            Ok(r) => {
+                let r = replies::mirror(&r, (0, 0));
+                self.reply(r);
+                Flow::Continue
+            }
+            Err(e) => {
+                tracing::warn!(session = %self.conv.id, error = %e, "backend failed at DATA");
+                tx.backend = None;
+                self.reply(replies::backend_unavailable());
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Streams the message from the client to the backend as it arrives,
+    /// then relays the backend's verdict. Returns Err when the client is
+    /// gone (the backend transaction is then aborted by closing it without
+    /// the final dot, so nothing half-received is ever delivered).
+    async fn receive_data(&mut self) -> Result<(), &'static str> {
+        let limits = self.conv.shared.config.limits.clone();
+        let State::Transaction(mut tx) = std::mem::replace(&mut self.state, State::Ready) else {
+            return Ok(());
+        };
+        let Some(mut conn) = tx.backend.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        let mut receiver = DataReceiver::new(limits.max_line_length, limits.max_message_size);
+        let header = received::Trace {
+            helo: self.conv.helo.as_deref().unwrap_or("unknown"),
+            client: self.conv.peer.ip(),
+            tls: self.conv.tls.as_ref(),
+            authenticated: None,
+            esmtp: self.esmtp,
+            host: &self.conv.shared.config.hostname,
+            session_id: &self.conv.id,
+            date: chrono::Local::now().fixed_offset(),
+        }
+        .header();
+        let mut backend_error: Option<BackendError> = conn.body(header.as_bytes()).await.err();
+        let mut out = Vec::with_capacity(DATA_READ_CHUNK);
+        loop {
+            let (consumed, status) = receiver.ingest(&self.rbuf, &mut out);
+            self.rbuf.advance(consumed);
+            if !out.is_empty() && backend_error.is_none() && receiver.violation().is_none() {
+                backend_error = conn.body(&out).await.err();
+            }
+            out.clear();
+            if status == DataStatus::Complete {
+                break;
+            }
+            if let Err(why) = self.read_more(DATA_READ_CHUNK).await {
+                // Dropping `conn` here closes the backend connection without
+                // the terminating dot: the backend discards the partial message.
+                tracing::warn!(session = %self.conv.id, reason = why, "client lost during DATA; backend transaction aborted");
+                self.conv.transactions.push(format!(
+                    "from=<{}> rcpts={} aborted=client_{}",
+                    tx.sender(),
+                    tx.accepted.len(),
+                    why
+                ));
+                return Err(why);
+            }
+        }
+        let size = receiver.size();
+        let (reply, outcome) = if let Some(v) = receiver.violation() {
+            drop(conn);
+            (
+                replies::data_violation(v, limits.max_message_size, limits.max_line_length),
+                format!("refused={v:?}"),
+            )
+        } else if let Some(e) = backend_error {
+            tracing::warn!(session = %self.conv.id, error = %e, "backend failed during DATA; message not delivered");
+            drop(conn);
+            (
+                replies::backend_failed_in_data(),
+                format!("backend_error={}", e.stage().label()),
+            )
+        } else {
+            match conn.finish().await {
+                Ok(r) => {
+                    let outcome = format!("backend={} {}", r.code, r.text());
+                    let mirrored = replies::mirror(&r, (0, 0));
+                    self.idle_backend = Some(conn);
+                    (mirrored, outcome)
+                }
+                Err(e) => {
+                    // The dot may or may not have been taken: say 4xx. A
+                    // retry can duplicate, which is better than a loss.
+                    tracing::warn!(session = %self.conv.id, error = %e, "backend failed after the final dot");
+                    (
+                        replies::backend_failed_in_data(),
+                        format!("backend_error={}", e.stage().label()),
+                    )
+                }
+            }
+        };
+        let rcpts: Vec<&str> = tx.accepted.iter().map(|p| p.raw.as_str()).collect();
+        tracing::info!(
+            session = %self.conv.id,
+            client = %self.conv.peer,
+            from = %tx.sender(),
+            to = %rcpts.join(","),
+            size,
+            reply = reply.code,
+            outcome = %outcome,
+            duration_ms = started.elapsed().as_millis() as u64,
+            "message"
+        );
+        self.conv.transactions.push(format!(
+            "from=<{}> to=<{}> refused={} size={} {}",
+            tx.sender(),
+            rcpts.join(">,<"),
+            tx.refused,
+            size,
+            outcome
+        ));
+        tx.backend = None;
+        self.reply(reply);
+        Ok(())
+    }
+}
+
+/// The backend's answer to a transaction's first recipient.
+enum Opened {
+    /// MAIL FROM was refused; the transaction cannot go on at the backend.
+    MailRefused(Reply),
+    Rcpt(Reply),
+}
+
+/// Opens the backend side of a transaction at its first accepted
+/// recipient, so transactions that only collect refusals never reach the
+/// backend. A reused connection that turns out dead is replaced once.
+async fn begin_backend(
+    shared: &Shared,
+    idle: Option<Connection>,
+    tx: &mut Transaction,
+    rcpt: &str,
+) -> Result<Opened, BackendError> {
+    let args = MailArgs {
+        path: match &tx.from {
+            ReversePath::Null => "",
+            ReversePath::Path(p) => &p.raw,
+        },
+        size: tx.params.size,
+        eight_bit: tx.params.body == Some(Body::EightBitMime),
+    };
+    let (mut conn, reused) = match idle {
+        Some(c) => (c, true),
+        None => match shared.backend.take_idle() {
+            Some(c) => (c, true),
+            None => (shared.backend.connect_any().await?, false),
+        },
+    };
+    let begun = match conn.begin(&args, rcpt).await {
+        Ok(b) => b,
+        Err(e) if reused => {
+            tracing::debug!(error = %e, "reused backend connection failed; opening a new one");
+            conn = shared.backend.connect_any().await?;
+            conn.begin(&args, rcpt).await?
+        }
+        Err(e) => return Err(e),
+    };
+    if !begun.mail.is_positive() {
+        let _ = conn.reset().await;
+        shared.backend.release(conn);
+        return Ok(Opened::MailRefused(begun.mail));
+    }
+    let rcpt_reply = begun.rcpt.ok_or_else(|| {
+        BackendError::Protocol(crate::backend::Stage::Rcpt, "no RCPT reply".into())
+    })?;
+    tx.backend = Some(conn);
+    Ok(Opened::Rcpt(rcpt_reply))
+}

@@ -1,0 +1,633 @@
+//! The message body: receiving it from the client after `354`, and sending it
+//! on to the backend.
+//!
+//! This is where SMTP smuggling happens (CVE-2023-51766 and relatives): if the
+//! gateway and the backend disagree on where the message ends, a client can
+//! hide a second SMTP transaction inside the body. So both directions are
+//! strict and mirror each other:
+//!
+//! * [`DataReceiver`] ends the message only at `CR LF . CR LF`. Every other
+//!   variant (`LF . LF`, `CR LF . LF`, `LF . CR LF`, `CR . CR`) stays content
+//!   and is recorded as a violation, so the session can refuse the message.
+//! * [`DotStuffer`] treats *any* CR or LF as a line start, so a lone `.` after
+//!   a bare line end reaches the backend doubled and cannot be read as an end
+//!   by a lenient backend either.
+
+use std::fmt;
+
+/// The first rule a message broke. The session refuses such a message rather
+/// than repair it; repairing would mean guessing what the client meant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataViolation {
+    /// Larger than the size limit (unstuffed octets).
+    TooLarge,
+    /// A line longer than the limit, CRLF included (RFC 5321 §4.5.3.1.6).
+    LineTooLong,
+    /// LF not preceded by CR.
+    BareLf,
+    /// CR not followed by LF.
+    BareCr,
+    /// A NUL octet, which many backends truncate at.
+    Nul,
+}
+
+impl fmt::Display for DataViolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DataViolation::TooLarge => "message too large",
+            DataViolation::LineTooLong => "line too long",
+            DataViolation::BareLf => "bare LF",
+            DataViolation::BareCr => "bare CR",
+            DataViolation::Nul => "NUL byte",
+        })
+    }
+}
+
+/// Whether the end of the message has been seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DataStatus {
+    NeedMore,
+    Complete,
+}
+
+/// Where the receiver is relative to the current line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// At the start of a line: the start of the data or just after CRLF.
+    LineStart,
+    /// A `.` at the start of a line, not yet emitted (it is either stuffing
+    /// or the start of the terminator).
+    Dot,
+    /// `.` CR at the start of a line.
+    DotCr,
+    /// Inside a line.
+    Text,
+    /// After a CR inside a line (already emitted); an LF must follow.
+    Cr,
+    /// The terminator has been consumed.
+    Done,
+}
+
+/// Receives the message after `354`, undoing dot-stuffing.
+#[derive(Debug, Clone)]
+pub struct DataReceiver {
+    max_line: usize,
+    max_size: u64,
+    state: State,
+    /// Unstuffed octets of the current line so far, CRLF included.
+    line_len: usize,
+    size: u64,
+    violation: Option<DataViolation>,
+    too_large: bool,
+}
+
+impl DataReceiver {
+    /// `max_line` is the longest text line including CRLF (RFC 5321: 1000);
+    /// `max_size` the largest message in octets after unstuffing.
+    pub fn new(max_line: usize, max_size: u64) -> Self {
+        DataReceiver {
+            max_line,
+            max_size,
+            state: State::LineStart,
+            line_len: 0,
+            size: 0,
+            violation: None,
+            too_large: false,
+        }
+    }
+
+    /// Consumes client bytes and appends the unstuffed message to `out`, with
+    /// CRLF line ends and without the terminating `.` CRLF (the CRLF before
+    /// the dot is part of the message, so a message always ends in CRLF).
+    ///
+    /// Returns how many bytes of `input` were used and whether the end was
+    /// seen. Bytes after the terminator are left alone: with PIPELINING they
+    /// are the client's next command. Once complete, further calls consume
+    /// nothing.
+    ///
+    /// Only `CR LF . CR LF` (or `. CR LF` as the very first line: an empty
+    /// message) ends the data. Violations do not stop reading, since the
+    /// client would otherwise see its message body interpreted as commands;
+    /// the first one is kept. After the size limit is passed nothing more is
+    /// appended, so memory stays bounded.
+    pub fn ingest(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, DataStatus) {
+        let mut i = 0;
+        while i < input.len() {
+            let b = input[i];
+            match self.state {
+                State::Done => return (i, DataStatus::Complete),
+                State::LineStart if b == b'.' => {
+                    self.state = State::Dot;
+                    i += 1;
+                }
+                State::Dot if b == b'\r' => {
+                    self.state = State::DotCr;
+                    i += 1;
+                }
+                State::DotCr if b == b'\n' => {
+                    self.state = State::Done;
+                    return (i + 1, DataStatus::Complete);
+                }
+                State::DotCr => {
+                    // "." CR x: the dot was stuffing and the CR is bare; x is
+                    // read again in state Cr.
+                    self.emit(b"\r", out);
+                    self.state = State::Cr;
+                }
+                State::Cr if b == b'\n' => {
+                    self.emit(b"\n", out);
+                    self.line_len = 0;
+                    self.state = State::LineStart;
+                    i += 1;
+                }
+                State::Cr => {
+                    // b is read again as text.
+                    self.violate(DataViolation::BareCr);
+                    self.state = State::Text;
+                }
+                // A dot at a line start followed by anything but CR is
+                // dropped (RFC 5321 §4.5.2) and what follows is text.
+                State::LineStart | State::Dot | State::Text => {
+                    i += self.text(&input[i..], out);
+                }
+            }
+        }
+        let status = if self.state == State::Done {
+            DataStatus::Complete
+        } else {
+            DataStatus::NeedMore
+        };
+        (i, status)
+    }
+
+    /// Reads a run of text, or one CR, LF or NUL; returns how many bytes it
+    /// took (at least one; `input` is not empty).
+    fn text(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
+        self.state = State::Text;
+        let run = input
+            .iter()
+            .position(|&b| matches!(b, b'\r' | b'\n' | 0))
+            .unwrap_or(input.len());
+        if run > 0 {
+            self.emit(&input[..run], out);
+            return run;
+        }
+        match input[0] {
+            b'\r' => self.state = State::Cr,
+            // A bare LF is content, not a line end: a "." after it is not at
+            // a line start, whatever a lenient backend would think.
+            b'\n' => self.violate(DataViolation::BareLf),
+            _ => self.violate(DataViolation::Nul),
+        }
+        self.emit(&input[..1], out);
+        1
+    }
+
+    /// Appends unstuffed bytes, checking the limits in the order a
+    /// byte-at-a-time reader would hit them, so the reported violation does
+    /// not depend on how the input was split.
+    fn emit(&mut self, bytes: &[u8], out: &mut Vec<u8>) {
+        let n = bytes.len() as u64;
+        let room_size = self.max_size.saturating_sub(self.size);
+        let room_line = (self.max_line as u64).saturating_sub(self.line_len as u64);
+        let over_size = n > room_size;
+        let over_line = n > room_line;
+        // The first offending byte decides; size wins a tie.
+        if over_line && (!over_size || room_line < room_size) {
+            self.violate(DataViolation::LineTooLong);
+        }
+        if over_size {
+            self.violate(DataViolation::TooLarge);
+        }
+        if over_line {
+            self.violate(DataViolation::LineTooLong);
+        }
+        // room_size is 0 once the limit has been passed.
+        out.extend_from_slice(&bytes[..room_size.min(n) as usize]);
+        self.line_len = self.line_len.saturating_add(bytes.len());
+        self.size = self.size.saturating_add(n);
+    }
+
+    fn violate(&mut self, v: DataViolation) {
+        if v == DataViolation::TooLarge {
+            self.too_large = true;
+        }
+        self.violation.get_or_insert(v);
+    }
+
+    /// The first violation seen, if any.
+    pub fn violation(&self) -> Option<DataViolation> {
+        self.violation
+    }
+
+    /// Unstuffed octets seen so far, counted past the limit too, so the
+    /// session can log how large the refused message was.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// True once the size limit was passed (whatever the first violation).
+    pub fn exceeded_size(&self) -> bool {
+        self.too_large
+    }
+
+    /// True once the terminator has been consumed.
+    pub fn is_complete(&self) -> bool {
+        self.state == State::Done
+    }
+}
+
+/// Dot-stuffs a message on its way to the backend (RFC 5321 §4.5.2).
+///
+/// A CR or LF on its own counts as a line end here, unlike in
+/// [`DataReceiver`]: if a bare line end ever reaches this point, the dot after
+/// it is doubled, so a backend that accepts bare LF or CR as line ends still
+/// cannot see `.` alone on a line and end the message early.
+#[derive(Debug, Clone)]
+pub struct DotStuffer {
+    at_line_start: bool,
+    /// The last two bytes pushed, to know whether the content ended in CRLF.
+    last: [u8; 2],
+    started: bool,
+}
+
+impl Default for DotStuffer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DotStuffer {
+    pub fn new() -> Self {
+        DotStuffer {
+            at_line_start: true,
+            last: [0, 0],
+            started: false,
+        }
+    }
+
+    /// Appends `chunk`, stuffed, to `out`. Chunks may split lines anywhere.
+    pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) {
+        let mut copied = 0;
+        for (i, &b) in chunk.iter().enumerate() {
+            if b == b'.' && self.at_line_start {
+                out.extend_from_slice(&chunk[copied..i]);
+                out.push(b'.');
+                copied = i;
+            }
+            self.at_line_start = b == b'\r' || b == b'\n';
+        }
+        out.extend_from_slice(&chunk[copied..]);
+        match chunk {
+            [] => {}
+            [b] => self.last = [self.last[1], *b],
+            [.., a, b] => self.last = [*a, *b],
+        }
+        self.started |= !chunk.is_empty();
+    }
+
+    /// Emits the terminator and resets the stuffer for the next message.
+    ///
+    /// The CRLF before the dot belongs to the message, so content that does
+    /// not end in CRLF gets one added: `\r\n.\r\n`, and otherwise `.\r\n`. An
+    /// empty message is sent as `.\r\n` alone, which the backend receives as
+    /// empty rather than as one blank line.
+    pub fn finish(&mut self, out: &mut Vec<u8>) {
+        if self.started && self.last != *b"\r\n" {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        *self = Self::new();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use DataStatus::{Complete, NeedMore};
+    use DataViolation::*;
+
+    struct Run {
+        out: Vec<u8>,
+        consumed: usize,
+        status: DataStatus,
+        violation: Option<DataViolation>,
+        size: u64,
+    }
+
+    /// Feeds the pieces in order, stopping at the first Complete as a session
+    /// would.
+    fn feed(max_line: usize, max_size: u64, pieces: &[&[u8]]) -> Run {
+        let mut rx = DataReceiver::new(max_line, max_size);
+        let mut out = Vec::new();
+        let mut consumed = 0;
+        let mut status = NeedMore;
+        for piece in pieces {
+            let (n, st) = rx.ingest(piece, &mut out);
+            assert!(n <= piece.len());
+            consumed += n;
+            status = st;
+            if st == Complete {
+                assert_eq!(rx.ingest(b"more", &mut out), (0, Complete));
+                break;
+            }
+            assert_eq!(n, piece.len(), "NeedMore must consume everything");
+        }
+        assert_eq!(status == Complete, rx.is_complete());
+        Run {
+            out,
+            consumed,
+            status,
+            violation: rx.violation(),
+            size: rx.size(),
+        }
+    }
+
+    /// (max_line, max_size, input, output, consumed, status, violation)
+    type Case = (
+        usize,
+        u64,
+        &'static [u8],
+        &'static [u8],
+        usize,
+        DataStatus,
+        Option<DataViolation>,
+    );
+
+    #[test]
+    fn table() {
+        #[rustfmt::skip]
+        let cases: &[Case] = &[
+            (1000, 1 << 20, b".\r\n", b"", 3, Complete, None),
+            (1000, 1 << 20, b".\r\nQUIT\r\n", b"", 3, Complete, None),
+            (1000, 1 << 20, b"\r\n.\r\n", b"\r\n", 5, Complete, None),
+            (1000, 1 << 20, b"Hello\r\n.\r\n", b"Hello\r\n", 10, Complete, None),
+            (1000, 1 << 20, b"Hello\r\n.\r\nQUIT\r\n", b"Hello\r\n", 10, Complete, None),
+            (1000, 1 << 20, b"Subject: x\r\n\r\nbody\r\n.\r\nMAIL FROM:<a@b.example>\r\n", b"Subject: x\r\n\r\nbody\r\n", 23, Complete, None),
+            // Dot-unstuffing.
+            (1000, 1 << 20, b"..leading\r\n.\r\n", b".leading\r\n", 14, Complete, None),
+            (1000, 1 << 20, b"a\r\n..\r\n.\r\n", b"a\r\n.\r\n", 10, Complete, None),
+            (1000, 1 << 20, b"a\r\n...\r\n.\r\n", b"a\r\n..\r\n", 11, Complete, None),
+            (1000, 1 << 20, b"..\r\n.\r\n", b".\r\n", 7, Complete, None),
+            (1000, 1 << 20, b".x\r\n.\r\n", b"x\r\n", 7, Complete, None),
+            (1000, 1 << 20, b"a.\r\n.\r\n", b"a.\r\n", 7, Complete, None),
+            (1000, 1 << 20, b"a\r\n .\r\n.\r\n", b"a\r\n .\r\n", 10, Complete, None),
+            // Smuggling variants are content, and flagged.
+            (1000, 1 << 20, b"a\n.\nMAIL FROM:<x@y.example>\r\n.\r\n", b"a\n.\nMAIL FROM:<x@y.example>\r\n", 32, Complete, Some(BareLf)),
+            (1000, 1 << 20, b"a\r\n.\nMAIL FROM:<x@y.example>\r\n.\r\n", b"a\r\n\nMAIL FROM:<x@y.example>\r\n", 33, Complete, Some(BareLf)),
+            (1000, 1 << 20, b"a\n.\r\nMAIL FROM:<x@y.example>\r\n.\r\n", b"a\n.\r\nMAIL FROM:<x@y.example>\r\n", 33, Complete, Some(BareLf)),
+            (1000, 1 << 20, b"a\r.\rMAIL FROM:<x@y.example>\r\n.\r\n", b"a\r.\rMAIL FROM:<x@y.example>\r\n", 32, Complete, Some(BareCr)),
+            (1000, 1 << 20, b"a\r.\r\nb\r\n.\r\n", b"a\r.\r\nb\r\n", 11, Complete, Some(BareCr)),
+            (1000, 1 << 20, b"a\r\n.\rb\r\n.\r\n", b"a\r\n\rb\r\n", 11, Complete, Some(BareCr)),
+            (1000, 1 << 20, b"a\r\n.\r.\r\n.\r\n", b"a\r\n\r.\r\n", 11, Complete, Some(BareCr)),
+            (1000, 1 << 20, b"a\r\n.\r\r\n.\r\n", b"a\r\n\r\r\n", 10, Complete, Some(BareCr)),
+            (1000, 1 << 20, b"a\r\r\n.\r\n", b"a\r\r\n", 7, Complete, Some(BareCr)),
+            (1000, 1 << 20, b"\n.\n", b"\n.\n", 3, NeedMore, Some(BareLf)),
+            (1000, 1 << 20, b"a\r\n.\n", b"a\r\n\n", 5, NeedMore, Some(BareLf)),
+            (1000, 1 << 20, b"a\n.\r\n", b"a\n.\r\n", 5, NeedMore, Some(BareLf)),
+            (1000, 1 << 20, b"\r.\r\n", b"\r.\r\n", 4, NeedMore, Some(BareCr)),
+            // NUL.
+            (1000, 1 << 20, b"a\0b\r\n.\r\n", b"a\0b\r\n", 8, Complete, Some(Nul)),
+            // Incomplete.
+            (1000, 1 << 20, b"", b"", 0, NeedMore, None),
+            (1000, 1 << 20, b"abc", b"abc", 3, NeedMore, None),
+            (1000, 1 << 20, b"abc\r", b"abc\r", 4, NeedMore, None),
+            (1000, 1 << 20, b"abc\r\n", b"abc\r\n", 5, NeedMore, None),
+            (1000, 1 << 20, b"abc\r\n.", b"abc\r\n", 6, NeedMore, None),
+            (1000, 1 << 20, b"abc\r\n.\r", b"abc\r\n", 7, NeedMore, None),
+            (1000, 1 << 20, b".", b"", 1, NeedMore, None),
+            // Line length, CRLF included; the stuffed dot does not count.
+            (10, 1 << 20, b"01234567\r\n.\r\n", b"01234567\r\n", 13, Complete, None),
+            (10, 1 << 20, b"..1234567\r\n.\r\n", b".1234567\r\n", 14, Complete, None),
+            (10, 1 << 20, b"012345678\r\n.\r\n", b"012345678\r\n", 14, Complete, Some(LineTooLong)),
+            (10, 1 << 20, b"0123456789ABCDEF\r\nok\r\n.\r\n", b"0123456789ABCDEF\r\nok\r\n", 25, Complete, Some(LineTooLong)),
+            // Size: output stops at the limit, reading goes on.
+            (1000, 5, b"abc\r\n.\r\n", b"abc\r\n", 8, Complete, None),
+            (1000, 5, b"abc\r\nde\r\n.\r\n", b"abc\r\n", 12, Complete, Some(TooLarge)),
+            (1000, 0, b".\r\n", b"", 3, Complete, None),
+            (1000, 0, b"x\r\n.\r\n", b"", 6, Complete, Some(TooLarge)),
+            // First violation wins.
+            (1000, 1 << 20, b"a\nb\0\r\n.\r\n", b"a\nb\0\r\n", 9, Complete, Some(BareLf)),
+            (1000, 3, b"a\nbcdef\r\n.\r\n", b"a\nb", 12, Complete, Some(BareLf)),
+            (4, 3, b"abcdef\r\n.\r\n", b"abc", 11, Complete, Some(TooLarge)),
+            (3, 4, b"abcdef\r\n.\r\n", b"abcd", 11, Complete, Some(LineTooLong)),
+            (3, 3, b"abcdef\r\n.\r\n", b"abc", 11, Complete, Some(TooLarge)),
+        ];
+        for &(max_line, max_size, input, output, consumed, status, violation) in cases {
+            let name = String::from_utf8_lossy(input);
+            let whole = feed(max_line, max_size, &[input]);
+            assert_eq!(whole.out, output, "output for {name:?}");
+            assert_eq!(whole.consumed, consumed, "consumed for {name:?}");
+            assert_eq!(whole.status, status, "status for {name:?}");
+            assert_eq!(whole.violation, violation, "violation for {name:?}");
+
+            // Every split into two and three pieces gives the same result.
+            let same = |run: Run, how: String| {
+                assert_eq!(run.out, output, "{name:?} {how}");
+                assert_eq!(run.consumed, consumed, "{name:?} {how}");
+                assert_eq!(run.status, status, "{name:?} {how}");
+                assert_eq!(run.violation, violation, "{name:?} {how}");
+                assert_eq!(run.size, whole.size, "{name:?} {how}");
+            };
+            for i in 0..=input.len() {
+                let (a, rest) = input.split_at(i);
+                same(feed(max_line, max_size, &[a, rest]), format!("split {i}"));
+                for j in 0..=rest.len() {
+                    let (b, c) = rest.split_at(j);
+                    same(
+                        feed(max_line, max_size, &[a, b, c]),
+                        format!("split {i},{}", i + j),
+                    );
+                }
+            }
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            same(feed(max_line, max_size, &bytes), "byte by byte".into());
+        }
+    }
+
+    #[test]
+    fn size_is_counted_past_the_limit() {
+        let run = feed(1000, 5, &[b"abc\r\nde\r\n.\r\n"]);
+        assert_eq!(run.size, 9);
+        let mut rx = DataReceiver::new(1000, 5);
+        let mut out = Vec::new();
+        rx.ingest(b"a\nbcdef\r\n", &mut out);
+        assert_eq!(rx.violation(), Some(BareLf));
+        assert!(rx.exceeded_size());
+        assert_eq!(out.len(), 5);
+    }
+
+    #[test]
+    fn large_message_in_odd_chunks() {
+        let mut msg = Vec::new();
+        for i in 0..2000 {
+            msg.extend_from_slice(
+                format!("{}line {i}\r\n", if i % 7 == 0 { "." } else { "" }).as_bytes(),
+            );
+        }
+        let mut wire = Vec::new();
+        let mut st = DotStuffer::new();
+        st.push(&msg, &mut wire);
+        st.finish(&mut wire);
+        wire.extend_from_slice(b"QUIT\r\n");
+        let pieces: Vec<&[u8]> = wire.chunks(997).collect();
+        let run = feed(1000, 1 << 20, &pieces);
+        assert_eq!(run.out, msg);
+        assert_eq!(run.consumed, wire.len() - 6);
+        assert_eq!(run.violation, None);
+    }
+
+    fn stuff(chunks: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut st = DotStuffer::new();
+        for c in chunks {
+            st.push(c, &mut out);
+        }
+        st.finish(&mut out);
+        out
+    }
+
+    #[test]
+    fn stuffer_table() {
+        let cases: &[(&[u8], &[u8])] = &[
+            (b"", b".\r\n"),
+            (b"\r\n", b"\r\n.\r\n"),
+            (b"a", b"a\r\n.\r\n"),
+            (b"a\r\n", b"a\r\n.\r\n"),
+            (b".", b"..\r\n.\r\n"),
+            (b".\r\n", b"..\r\n.\r\n"),
+            (b"a\r\n.\r\nb", b"a\r\n..\r\nb\r\n.\r\n"),
+            (b"..x", b"...x\r\n.\r\n"),
+            (b"a.b\r\n", b"a.b\r\n.\r\n"),
+            // Bare line ends: the dot is doubled all the same.
+            (b"a\n.\n", b"a\n..\n\r\n.\r\n"),
+            (b"a\r.\r", b"a\r..\r\r\n.\r\n"),
+            (b"a\n", b"a\n\r\n.\r\n"),
+            (b"a\r", b"a\r\r\n.\r\n"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(
+                stuff(&[input]),
+                *want,
+                "{:?}",
+                String::from_utf8_lossy(input)
+            );
+            for i in 0..=input.len() {
+                let (a, b) = input.split_at(i);
+                assert_eq!(stuff(&[a, b]), *want, "split {i}");
+                let bytes: Vec<&[u8]> = input.chunks(1).collect();
+                assert_eq!(stuff(&bytes), *want);
+            }
+        }
+    }
+
+    #[test]
+    fn stuffer_resets_after_finish() {
+        let mut st = DotStuffer::default();
+        let mut out = Vec::new();
+        st.push(b"a", &mut out);
+        st.finish(&mut out);
+        st.push(b".", &mut out);
+        st.finish(&mut out);
+        assert_eq!(out, b"a\r\n.\r\n..\r\n.\r\n");
+    }
+
+    /// xorshift64*: deterministic, no dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        /// Splits `data` into random pieces, some empty.
+        fn pieces<'a>(&mut self, data: &'a [u8]) -> Vec<&'a [u8]> {
+            let mut out = Vec::new();
+            let mut rest = data;
+            while !rest.is_empty() {
+                let n = self.below(rest.len().min(8) + 1);
+                let (a, b) = rest.split_at(n);
+                out.push(a);
+                rest = b;
+            }
+            out
+        }
+    }
+
+    /// What the receiver must give back for a stuffed message.
+    fn normalized(m: &[u8]) -> Vec<u8> {
+        let mut m = m.to_vec();
+        if !m.is_empty() && !m.ends_with(b"\r\n") {
+            m.extend_from_slice(b"\r\n");
+        }
+        m
+    }
+
+    fn has_bare_line_end(m: &[u8]) -> bool {
+        m.iter().enumerate().any(|(i, &b)| {
+            (b == b'\r' && m.get(i + 1) != Some(&b'\n'))
+                || (b == b'\n' && (i == 0 || m[i - 1] != b'\r'))
+        })
+    }
+
+    /// Stuffs `m` in random pieces, receives it in random pieces with a
+    /// pipelined command behind it, and checks the round trip.
+    fn round_trip(rng: &mut Rng, m: &[u8]) {
+        let stuffed = stuff(&rng.pieces(m));
+        let mut wire = stuffed.clone();
+        wire.extend_from_slice(b"QUIT\r\n");
+        let run = feed(usize::MAX, u64::MAX, &rng.pieces(&wire));
+        // The end is found exactly where the stuffer put it, never earlier.
+        assert_eq!(run.status, Complete, "{m:?}");
+        assert_eq!(run.consumed, stuffed.len(), "{m:?}");
+        if has_bare_line_end(m) {
+            assert!(run.violation.is_some(), "{m:?}");
+        } else {
+            assert_eq!(run.out, normalized(m), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn stuff_then_receive_round_trips() {
+        let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+        let well_formed: &[&[u8]] = &[b".", b"..", b"\r\n", b"a", b"b c", b"\0", b"MAIL", b".\r\n"];
+        let anything: &[&[u8]] = &[b".", b"\r", b"\n", b"\r\n", b"a", b" "];
+        for round in 0..5000 {
+            let alphabet = if round % 2 == 0 {
+                well_formed
+            } else {
+                anything
+            };
+            let mut m = Vec::new();
+            for _ in 0..rng.below(24) {
+                m.extend_from_slice(alphabet[rng.below(alphabet.len())]);
+            }
+            round_trip(&mut rng, &m);
+        }
+    }
+
+    #[test]
+    fn well_formed_messages_round_trip_exactly() {
+        let mut rng = Rng(42);
+        for _ in 0..2000 {
+            let mut m = Vec::new();
+            for _ in 0..rng.below(6) {
+                m.resize(m.len() + rng.below(4), b'.');
+                m.extend_from_slice(&b"text."[..rng.below(6)]);
+                m.extend_from_slice(b"\r\n");
+            }
+            let stuffed = stuff(&rng.pieces(&m));
+            let run = feed(1000, 1 << 20, &rng.pieces(&stuffed));
+            assert_eq!(run.out, m);
+            assert_eq!(run.violation, None);
+            assert_eq!(run.consumed, stuffed.len());
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The SMTP wire protocol, without I/O.
+//!
+//! Everything here turns bytes into typed values and back and never touches
+//! a socket, a clock or a runtime, so that every edge case of the protocol can
+//! be pinned by a table-driven unit test and explored by a fuzzer
+//! (`gateway/fuzz/`). The session code owns the buffers and the sockets and
+//! drives these parsers:
+//!
+//! ```text
+//! client ──bytes──▶ line::LineReader ──line──▶ command::parse ──Command──▶ session
+//!        ──bytes──▶ data::DataReceiver (after 354) ──message──▶ data::DotStuffer ──▶ backend
+//! backend ──bytes──▶ reply::ReplyParser ──Reply──▶ session ──Reply::write_to──▶ client
+//! ```
+//!
+//! Parsers are deliberately strict: the gateway sits in front of a legacy MTA
+//! whose own parser we do not control, so anything ambiguous is refused here
+//! rather than forwarded for the backend to interpret differently.
+
+pub mod command;
+pub mod data;
+pub mod line;
+pub mod reply;

@@ -300,13 +300,14 @@ fn session_id() -> String {
         .collect()
 }
 
-/// Is the client sending before it was greeted? Waits up to `delay`.
+/// Is the client sending before it was greeted? Waits up to `delay` for
+/// a byte (peeked, not consumed); with no delay only checks what arrived.
 async fn talks_first(tcp: &TcpStream, delay: Duration) -> bool {
-    if !delay.is_zero() && tokio::time::timeout(delay, tcp.readable()).await.is_err() {
-        return false;
-    }
     let mut probe = [0u8; 1];
-    matches!(tcp.try_read(&mut probe), Ok(n) if n > 0)
+    if delay.is_zero() {
+        return matches!(tcp.try_read(&mut probe), Ok(n) if n > 0);
+    }
+    matches!(tokio::time::timeout(delay, tcp.peek(&mut probe)).await, Ok(Ok(n)) if n > 0)
 }
 
 async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, peer: SocketAddr) {

@@ -1,1 +1,4 @@
+pub mod clock;
+pub mod identity;
+pub mod ntlm;
 pub mod relay;

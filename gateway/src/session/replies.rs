@@ -207,17 +207,59 @@ pub fn command_error(e: &CommandError, in_mail: bool) -> Reply {
     }
 }
 
-/// A reply from the backend passed on to the client. Legacy backends send
-/// no enhanced codes; the client still gets one, derived from the class.
+/// A reply from the backend passed on to the client. Legacy backends may
+/// send enhanced codes without announcing ENHANCEDSTATUSCODES (so the
+/// parser left them in the text): those are taken over, not doubled. A
+/// backend that sends none still yields one, derived from the class.
 pub fn mirror(reply: &Reply, default_detail: (u16, u16)) -> Reply {
     let mut r = reply.clone();
     if r.enhanced.is_none() {
         let class = (r.code / 100) as u8;
-        r.enhanced = Some(if class == 2 {
-            E(2, default_detail.0, default_detail.1)
+        if let Some((code, rest)) = r.lines.first().and_then(|l| leading_enhanced(l, class)) {
+            r.enhanced = Some(code);
+            r.lines[0] = rest;
+            for line in r.lines.iter_mut().skip(1) {
+                if let Some((_, rest)) = leading_enhanced(line, class) {
+                    *line = rest;
+                }
+            }
         } else {
-            E(class, 0, 0)
-        });
+            r.enhanced = Some(if class == 2 {
+                E(2, default_detail.0, default_detail.1)
+            } else {
+                E(class, 0, 0)
+            });
+        }
     }
     r
+}
+
+/// `"2.1.5 Ok"` → (2.1.5, "Ok") when the class matches the reply code.
+fn leading_enhanced(text: &str, class: u8) -> Option<(E, String)> {
+    let (word, rest) = text.split_once(' ').unwrap_or((text, ""));
+    let mut parts = word.split('.');
+    let c: u8 = parts.next()?.parse().ok()?;
+    let subject: u16 = parts.next()?.parse().ok()?;
+    let detail: u16 = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || c != class || subject > 999 || detail > 999 {
+        return None;
+    }
+    Some((E(c, subject, detail), rest.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mirror_takes_over_unannounced_enhanced_codes() {
+        let r = Reply::multi(250, None, vec!["2.1.5 Ok".into()]);
+        let m = mirror(&r, (1, 5));
+        assert_eq!(m.enhanced, Some(E(2, 1, 5)));
+        assert_eq!(m.lines, vec!["Ok".to_string()]);
+        let r = Reply::multi(550, None, vec!["2.1.5 odd".into()]);
+        assert_eq!(mirror(&r, (0, 0)).enhanced, Some(E(5, 0, 0)));
+        let r = Reply::multi(250, None, vec!["Ok".into()]);
+        assert_eq!(mirror(&r, (1, 5)).enhanced, Some(E(2, 1, 5)));
+    }
 }

@@ -134,29 +134,40 @@ const MAX_PATH: usize = 256;
 /// DNS labels (RFC 1035 §2.3.4).
 const MAX_LABEL: usize = 63;
 
+/// The verbs this parser understands.
+const KNOWN: &[&str] = &[
+    "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY", "EXPN",
+    "STARTTLS", "AUTH",
+];
+
 /// Verbs that exist in some SMTP dialect but that a relay gateway must not
 /// carry; answering 502 rather than 500 tells the client it was understood.
-const NOT_IMPLEMENTED: &[&[u8]] = &[
-    b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML", b"BURL", b"VERB", b"ONEX", b"XEXCH50",
+const NOT_IMPLEMENTED: &[&str] = &[
+    "TURN", "ETRN", "ATRN", "SEND", "SOML", "SAML", "BURL", "VERB", "ONEX", "XEXCH50",
 ];
+
+/// The canonical (uppercase) verb of a command line, if it is one we know,
+/// including the ones answered with [`CommandError::NotImplemented`].
+///
+/// The session needs it when [`parse`] fails: a [`CommandError::BadAddress`]
+/// is 5.1.7 after MAIL but 5.1.3 after RCPT, and metrics are labelled by verb
+/// without letting clients invent label values.
+pub fn verb(line: &[u8]) -> Option<&'static str> {
+    let word = line.split(|&b| b == b' ').next().unwrap_or_default();
+    KNOWN
+        .iter()
+        .chain(NOT_IMPLEMENTED)
+        .find(|v| word.eq_ignore_ascii_case(v.as_bytes()))
+        .copied()
+}
 
 /// Parses one command line, without its CRLF (see [`super::line::LineReader`]).
 pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
-    let (verb, rest) = match line.iter().position(|&b| b == b' ') {
-        Some(i) => (&line[..i], &line[i + 1..]),
-        None => (line, &b""[..]),
-    };
-    let is = |name: &str| verb.eq_ignore_ascii_case(name.as_bytes());
-    if NOT_IMPLEMENTED.iter().any(|v| verb.eq_ignore_ascii_case(v)) {
+    let verb = verb(line).ok_or(CommandError::Unrecognized)?;
+    if NOT_IMPLEMENTED.contains(&verb) {
         return Err(CommandError::NotImplemented);
     }
-    const KNOWN: &[&str] = &[
-        "EHLO", "HELO", "MAIL", "RCPT", "DATA", "BDAT", "RSET", "NOOP", "QUIT", "HELP", "VRFY",
-        "EXPN", "STARTTLS", "AUTH",
-    ];
-    if !KNOWN.iter().any(|v| is(v)) {
-        return Err(CommandError::Unrecognized);
-    }
+    let rest = line.get(verb.len() + 1..).unwrap_or_default();
     // Control characters (TAB included) have no place in any command and are
     // a classic way to make two parsers disagree about where a field ends.
     if rest.iter().any(|&b| b < 0x20 || b == 0x7f) {
@@ -166,61 +177,86 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
 
     // MAIL and RCPT look at bytes: a non-ASCII path must be told apart from
     // other malformed input (553 5.6.7 rather than 501).
-    if is("MAIL") {
-        return parse_mail(args);
-    }
-    if is("RCPT") {
-        return parse_rcpt(args);
+    match verb {
+        "MAIL" => return parse_mail(args),
+        "RCPT" => return parse_rcpt(args),
+        _ => {}
     }
     let args = std::str::from_utf8(args).map_err(|_| Syntax("command is not valid UTF-8"))?;
-    if is("EHLO") || is("HELO") {
+    let no_args = |cmd: Command| {
+        // Text after DATA in particular must not be mistaken for the start
+        // of the message.
         if args.is_empty() {
-            return Err(Syntax("domain or address literal required"));
-        }
-        let arg = args.to_string();
-        return Ok(if is("EHLO") {
-            Command::Ehlo(arg)
+            Ok(cmd)
         } else {
-            Command::Helo(arg)
-        });
-    }
-    if is("NOOP") {
+            Err(Syntax("no parameters allowed"))
+        }
+    };
+    let required = |make: fn(String) -> Command, why: &'static str| {
+        if args.is_empty() {
+            Err(Syntax(why))
+        } else {
+            Ok(make(args.to_string()))
+        }
+    };
+    match verb {
+        "EHLO" => required(Command::Ehlo, "domain or address literal required"),
+        "HELO" => required(Command::Helo, "domain or address literal required"),
+        "VRFY" => required(Command::Vrfy, "argument required"),
+        "EXPN" => required(Command::Expn, "argument required"),
+        "HELP" => Ok(Command::Help((!args.is_empty()).then(|| args.to_string()))),
         // RFC 5321 §4.1.1.9: the argument must be ignored.
-        return Ok(Command::Noop);
+        "NOOP" => Ok(Command::Noop),
+        "BDAT" => parse_bdat(args),
+        "AUTH" => parse_auth(args),
+        "DATA" => no_args(Command::Data),
+        "RSET" => no_args(Command::Rset),
+        "QUIT" => no_args(Command::Quit),
+        "STARTTLS" => no_args(Command::StartTls),
+        _ => Err(CommandError::Unrecognized),
     }
-    if is("HELP") {
-        return Ok(Command::Help((!args.is_empty()).then(|| args.to_string())));
-    }
-    if is("VRFY") || is("EXPN") {
-        if args.is_empty() {
-            return Err(Syntax("argument required"));
+}
+
+impl Command {
+    /// The uppercase verb, for logs and metric labels.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Command::Ehlo(_) => "EHLO",
+            Command::Helo(_) => "HELO",
+            Command::Mail { .. } => "MAIL",
+            Command::Rcpt { .. } => "RCPT",
+            Command::Data => "DATA",
+            Command::Bdat { .. } => "BDAT",
+            Command::Rset => "RSET",
+            Command::Noop => "NOOP",
+            Command::Quit => "QUIT",
+            Command::Help(_) => "HELP",
+            Command::Vrfy(_) => "VRFY",
+            Command::Expn(_) => "EXPN",
+            Command::StartTls => "STARTTLS",
+            Command::Auth { .. } => "AUTH",
         }
-        return Ok(if is("VRFY") {
-            Command::Vrfy(args.to_string())
-        } else {
-            Command::Expn(args.to_string())
-        });
     }
-    if is("BDAT") {
-        return parse_bdat(args);
+}
+
+impl std::fmt::Display for Domain {
+    /// As it appears after the `@`, brackets included for literals.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Domain::Name(name) => f.write_str(name),
+            Domain::AddressLiteral(lit) => write!(f, "[{lit}]"),
+        }
     }
-    if is("AUTH") {
-        return parse_auth(args);
+}
+
+impl std::fmt::Display for Mailbox {
+    /// `local@domain`, or the bare local part for `<postmaster>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.domain {
+            Domain::Name(name) if name.is_empty() => f.write_str(&self.local_part),
+            domain => write!(f, "{}@{domain}", self.local_part),
+        }
     }
-    // DATA, RSET, QUIT, STARTTLS take nothing. Text after DATA in particular
-    // must not be mistaken for the start of the message.
-    if !args.is_empty() {
-        return Err(Syntax("no parameters allowed"));
-    }
-    Ok(if is("DATA") {
-        Command::Data
-    } else if is("RSET") {
-        Command::Rset
-    } else if is("QUIT") {
-        Command::Quit
-    } else {
-        Command::StartTls
-    })
 }
 
 fn trim_sp(mut s: &[u8]) -> &[u8] {
@@ -955,6 +991,58 @@ mod tests {
                 "NotImplemented"
             ]
         );
+    }
+
+    #[test]
+    fn verbs() {
+        let cases: &[(&[u8], Option<&str>)] = &[
+            (b"mail FROM:<bad", Some("MAIL")),
+            (b"Rcpt TO:<\xff>", Some("RCPT")),
+            (b"starttls", Some("STARTTLS")),
+            (b"etrn x", Some("ETRN")),
+            (b"MAILX", None),
+            (b"", None),
+            (b" QUIT", None),
+        ];
+        for (line, want) in cases {
+            assert_eq!(verb(line), *want, "{line:?}");
+            if let Ok(cmd) = parse(line) {
+                assert_eq!(Some(cmd.verb()), *want);
+            }
+        }
+        for line in [
+            &b"EHLO x"[..],
+            b"HELO x",
+            b"MAIL FROM:<>",
+            b"RCPT TO:<postmaster>",
+            b"DATA",
+            b"BDAT 1",
+            b"RSET",
+            b"NOOP",
+            b"QUIT",
+            b"HELP",
+            b"VRFY x",
+            b"EXPN x",
+            b"STARTTLS",
+            b"AUTH X",
+        ] {
+            let cmd = parse(line).unwrap();
+            assert_eq!(Some(cmd.verb()), verb(line));
+        }
+    }
+
+    #[test]
+    fn display() {
+        let show = |line: &[u8]| match parse(line).unwrap() {
+            C::Rcpt { to } => to.mailbox.to_string(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            show(b"RCPT TO:<@r.example:Bob@Example.org>"),
+            "Bob@Example.org"
+        );
+        assert_eq!(show(b"RCPT TO:<\"a b\"@[IPv6:::1]>"), "\"a b\"@[IPv6:::1]");
+        assert_eq!(show(b"RCPT TO:<Postmaster>"), "Postmaster");
     }
 
     #[test]

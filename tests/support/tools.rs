@@ -1,0 +1,82 @@
+//! Small shared helpers: ports, waiting, external tools.
+
+use std::ffi::OsStr;
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// How long any wait for the gateway or a peer may take. Generous, because
+/// the suite runs in parallel on a loaded two-core machine; a passing test
+/// never waits this long.
+pub const TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A loopback port that was free a moment ago (bound to port 0, released).
+/// Whoever uses it must cope with losing a race for it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+/// A loopback address nobody listens on: connecting to it is refused.
+pub fn closed_port() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes; returns
+/// whether it held.
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn write_file(path: &Path, contents: impl AsRef<[u8]>) {
+    std::fs::write(path, contents).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+}
+
+/// Splits a command line on whitespace: `swaks(&words("--to x@example.test"))`.
+/// For arguments without spaces only.
+pub fn words(line: &str) -> Vec<String> {
+    line.split_whitespace().map(str::to_string).collect()
+}
+
+/// Runs a tool under `timeout 60` so a hung peer cannot hang the suite.
+fn run_tool<S: AsRef<OsStr>>(tool: &str, args: &[S]) -> Output {
+    let args: Vec<&OsStr> = args.iter().map(AsRef::as_ref).collect();
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg(tool)
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {tool} (is it installed? tests/run installs it): {e}")
+        });
+    if out.status.code() == Some(124) {
+        panic!(
+            "{tool} {args:?} timed out after 60 s\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out
+}
+
+/// Runs `swaks` with the given arguments (60 s limit).
+pub fn swaks<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run_tool("swaks", args)
+}
+
+/// Runs `curl` with the given arguments (60 s limit).
+pub fn curl<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run_tool("curl", args)
+}

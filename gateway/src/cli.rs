@@ -42,6 +42,9 @@ pub enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Print the NT hash of a password for the users file. The password is
+    /// read without echo from the terminal, or as one line from stdin.
+    HashPassword,
     /// Run a self-contained demo: embedded configuration, built-in capture backend.
     Demo {
         /// SMTP listener address.
@@ -85,13 +88,18 @@ pub fn main() -> ExitCode {
         match cli.command {
             Cmd::Run { config } => run(&config).await,
             Cmd::Check { config } => check(&config),
+            Cmd::HashPassword => hash_password(),
             Cmd::Demo {
                 smtp,
                 metrics: _,
                 print_config,
             } => {
                 if print_config {
-                    print!("{}", demo::DEMO_CONFIG);
+                    print!(
+                        "{}\n# ---- demo-users.yaml ----\n{}",
+                        demo::DEMO_CONFIG,
+                        demo::DEMO_USERS
+                    );
                     return Ok(());
                 }
                 run_demo(smtp).await
@@ -105,6 +113,23 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn hash_password() -> anyhow::Result<()> {
+    use std::io::{BufRead, IsTerminal};
+    let password = if std::io::stdin().is_terminal() {
+        let first = rpassword::prompt_password("Password: ")?;
+        let again = rpassword::prompt_password("Again: ")?;
+        anyhow::ensure!(first == again, "the passwords differ");
+        first
+    } else {
+        let mut line = String::new();
+        std::io::stdin().lock().read_line(&mut line)?;
+        line.trim_end_matches(['\r', '\n']).to_string()
+    };
+    anyhow::ensure!(!password.is_empty(), "empty password");
+    println!("{}", hex::encode(policy::identity::nt_hash(&password)));
+    Ok(())
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

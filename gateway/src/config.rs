@@ -59,6 +59,9 @@ pub struct Config {
     pub policy: PolicyConfig,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
+    /// Authentication; without it AUTH is not offered at all.
+    #[serde(default)]
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 fn default_hostname() -> String {
@@ -77,6 +80,15 @@ pub struct ListenerConfig {
     pub certificate: Option<PathBuf>,
     #[serde(default)]
     pub key: Option<PathBuf>,
+    /// AUTH (any mechanism) only after TLS: `530 5.7.0` before it. PLAIN
+    /// and LOGIN, which send the password itself, are never offered or
+    /// accepted without TLS whatever this says.
+    #[serde(default = "default_true")]
+    pub require_tls_for_auth: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -425,6 +437,9 @@ impl Config {
         if let Some(ca) = &mut self.backend.ca_file {
             fix(ca);
         }
+        if let Some(auth) = &mut self.auth {
+            fix(&mut auth.users_file);
+        }
     }
 
     fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
@@ -543,6 +558,22 @@ impl Config {
         for (field, ok, message) in checks {
             if !ok {
                 return Err(err(format!("limits.{field}"), field, message.into()));
+            }
+        }
+        if let Some(auth) = &self.auth {
+            if let Err(e) = auth.ntlm_config().validate() {
+                return Err(err(
+                    format!("auth.ntlm.{}", e.field),
+                    e.field,
+                    e.reason.to_string(),
+                ));
+            }
+            if auth.mechanisms.is_empty() {
+                return Err(err(
+                    "auth.mechanisms".into(),
+                    "mechanisms",
+                    "at least one mechanism".into(),
+                ));
             }
         }
         for (i, d) in self.policy.local_domains.iter().enumerate() {

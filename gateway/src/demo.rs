@@ -28,6 +28,9 @@ listeners:
     address: 127.0.0.1:2525
     # none | starttls | implicit
     tls: starttls
+    # NTLM never sends the password, so the demo accepts it before
+    # STARTTLS (Outlook's default). PLAIN and LOGIN need TLS regardless.
+    require_tls_for_auth: false
 
 # Certificate for the TLS listeners. The demo generates a self-signed pair
 # at start; point these at your real PEM files.
@@ -40,10 +43,45 @@ backend:
   # its built-in capture backend.
   servers: ["127.0.0.1:25"]
 
+auth:
+  mechanisms: [ntlm, login, plain]
+  # What the NTLM CHALLENGE publishes (nmap's smtp-ntlm-info shows this).
+  ntlm:
+    netbios_domain: DEMO
+    netbios_computer: RELAYGUARD
+    dns_domain: demo.test
+    dns_computer: relayguard.demo.test
+    allow_ntlmv1: false          # NTLMv2 only
+    require_mic: false           # curl sends no MIC; Windows SSPI does
+    channel_binding: when_supported
+  # Accounts with NT hashes: `relayguard hash-password` makes them.
+  users_file: demo-users.yaml
+  lockout:
+    max_failures_per_client: 10
+    max_failures_per_account: 5
+    window: 15m
+    failure_delay: 1s
+
 policy:
   # Mail to these domains is inbound and accepted from anyone; everything
   # else is relaying, which nobody may do without a rule.
   local_domains: [example.test]
+"#;
+
+/// The demo's accounts: `DEMO\\alice` / `alice-pass` and `DEMO\\bob` /
+/// `bob-pass` (hashes made with `relayguard hash-password`).
+pub const DEMO_USERS: &str = r#"# RelayGuard demo accounts (passwords: alice-pass, bob-pass).
+users:
+  - user: alice
+    domain: DEMO
+    nt_hash: 406660820be8180b5d0f94dfd556cee1
+    groups: [relay-senders]
+    mail: [alice@example.test]
+  - user: bob
+    domain: DEMO
+    nt_hash: 7719f979b983beee07c8487b647c1efd
+    groups: [staff]
+    mail: [bob@example.test]
 "#;
 
 /// Options of the `demo` subcommand.
@@ -62,9 +100,13 @@ pub fn demo_config(
     let (cert, key) = crate::tls::self_signed("relayguard.demo.test")?;
     std::fs::write(dir.join("demo-cert.pem"), cert)?;
     std::fs::write(dir.join("demo-key.pem"), key)?;
+    std::fs::write(dir.join("demo-users.yaml"), DEMO_USERS)?;
     let mut config = Config::from_yaml(DEMO_CONFIG, "<embedded demo config>")?;
     config.listeners[0].address = opts.smtp;
     config.backend.servers = vec![backend.to_string().parse().map_err(anyhow::Error::msg)?];
+    if let Some(auth) = &mut config.auth {
+        auth.users_file = dir.join("demo-users.yaml");
+    }
     if let Some(tls) = &mut config.tls {
         tls.certificate = dir.join("demo-cert.pem");
         tls.key = dir.join("demo-key.pem");

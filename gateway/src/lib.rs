@@ -5,6 +5,7 @@
 //! Parsing lives in [`smtp`] and never touches a socket.
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod config;

@@ -16,6 +16,14 @@ pub fn reload(shared: &Shared, path: Option<&Path>) {
             tracing::error!(error = %e, "TLS certificate reload refused; the previous certificate stays in use");
         }
     }
+    if let Some(auth) = &shared.auth {
+        match auth.reload_users(true) {
+            Ok(_) => tracing::info!("users file reloaded"),
+            Err(e) => {
+                tracing::error!(error = %e, "users file reload refused; the previous accounts stay")
+            }
+        }
+    }
     let Some(path) = path else {
         tracing::info!("SIGHUP: embedded configuration, nothing to reload");
         return;

@@ -27,6 +27,7 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub policy: ArcSwap<RelayPolicy>,
     pub backend: Arc<Backend>,
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
     pub shutdown: CancellationToken,
     limits: ConnectionLimits,
     listener_certs: Vec<Arc<CertStore>>,
@@ -42,6 +43,7 @@ impl Shared {
 /// One configured listener, with its TLS acceptor when it has a certificate.
 pub struct ListenerInfo {
     pub name: String,
+    pub require_tls_for_auth: bool,
     pub mode: TlsMode,
     pub acceptor: Option<TlsAcceptor>,
     pub certs: Option<Arc<CertStore>>,
@@ -62,6 +64,8 @@ pub enum StartError {
     },
     #[error("backend: {0}")]
     BackendTls(crate::tls::TlsError),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
     #[error("policy: {0}")]
     Policy(#[from] policy::relay::PatternError),
 }
@@ -133,6 +137,14 @@ impl Server {
         let policy = RelayPolicy::new(&config.policy.local_domains)?;
         let backend =
             Backend::new(&config.backend, config.helo_name()).map_err(StartError::BackendTls)?;
+        let auth = match &config.auth {
+            Some(a) => {
+                let auth = crate::auth::Authenticator::new(a)?;
+                auth.spawn_watcher(Duration::from_secs(5));
+                Some(auth)
+            }
+            None => None,
+        };
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let certs = match (&l.certificate, &l.key, &config.tls) {
@@ -166,6 +178,7 @@ impl Server {
             listeners.push((
                 Arc::new(ListenerInfo {
                     name: l.name.clone(),
+                    require_tls_for_auth: l.require_tls_for_auth,
                     mode: l.tls,
                     acceptor,
                     certs: store,
@@ -187,6 +200,7 @@ impl Server {
             config,
             policy: ArcSwap::from_pointee(policy),
             backend,
+            auth,
             shutdown: CancellationToken::new(),
             limits,
         });

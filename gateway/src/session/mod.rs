@@ -26,6 +26,8 @@ use std::time::Instant;
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::auth::sasl::{self, Exchange, Progress};
+use crate::auth::{AuthFailure, Mechanism, Principal};
 use crate::backend::{BackendError, Connection, MailArgs};
 use crate::config::{TlsMode, VrfyReply};
 use crate::server::{ListenerInfo, Shared};
@@ -58,6 +60,10 @@ pub struct Conversation {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub helo: Option<String>,
+    /// Who authenticated (kept for the summary even after STARTTLS, which
+    /// cannot happen after AUTH anyway: AUTH is refused until TLS, or TLS
+    /// is refused once authenticated).
+    pub auth: Option<String>,
     pub transactions: Vec<String>,
     /// Why the session ended, for the summary line.
     pub end: &'static str,
@@ -81,6 +87,7 @@ impl Conversation {
             bytes_in: 0,
             bytes_out: 0,
             helo: None,
+            auth: None,
             transactions: Vec::new(),
             end: "closed",
         }
@@ -99,7 +106,7 @@ impl Conversation {
             listener = %self.listener.name,
             tls = %tls,
             helo = self.helo.as_deref().unwrap_or("-"),
-            auth = "none",
+            auth = self.auth.as_deref().unwrap_or("none"),
             transactions = %self.transactions.join(" | "),
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
@@ -170,6 +177,9 @@ pub struct Session<S> {
     discard: u64,
     /// Backend connection kept between this client's transactions.
     idle_backend: Option<Connection>,
+    /// An AUTH exchange waiting for the client's next line.
+    exchange: Option<Exchange>,
+    principal: Option<Principal>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -185,6 +195,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             junk: 0,
             discard: 0,
             idle_backend: None,
+            exchange: None,
+            principal: None,
         }
     }
 
@@ -251,8 +263,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     break;
                 };
                 let flow = match line {
+                    Ok(line) if self.exchange.is_some() => self.sasl_line(&line).await,
                     Ok(line) => self.command(&line).await,
-                    Err(e) => self.line_error(e),
+                    Err(e) => {
+                        self.exchange = None;
+                        self.line_error(e)
+                    }
                 };
                 match flow {
                     Flow::Continue => {}
@@ -444,6 +460,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Command::StartTls => {
                 if self.conv.tls.is_some() {
                     self.error(replies::tls_already())
+                } else if self.principal.is_some() {
+                    // A plaintext AUTH cannot be carried into TLS: RFC 3207
+                    // would discard it anyway, so refuse rather than surprise.
+                    self.error(replies::in_transaction())
                 } else if !self.starttls_offered() {
                     self.error(replies::tls_unavailable())
                 } else if self.in_transaction() {
@@ -452,7 +472,144 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Flow::StartTls
                 }
             }
-            Command::Auth { .. } => self.error(replies::not_implemented()),
+            Command::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(&mechanism, initial_response.as_deref()).await,
+        }
+    }
+
+    /// Mechanisms offered now: none before TLS when the listener requires
+    /// it, and never the password-sending ones without TLS.
+    fn offered_mechanisms(&self) -> Vec<Mechanism> {
+        let Some(auth) = &self.conv.shared.auth else {
+            return Vec::new();
+        };
+        let tls = self.conv.tls.is_some();
+        if !tls && self.conv.listener.require_tls_for_auth {
+            return Vec::new();
+        }
+        auth.mechanisms()
+            .iter()
+            .copied()
+            .filter(|m| tls || !m.sends_password())
+            .collect()
+    }
+
+    /// The tls-server-end-point channel binding of this session (RFC 5929).
+    fn channel_binding(&self) -> Option<Vec<u8>> {
+        self.conv.tls.as_ref()?;
+        let leaf = self.conv.listener.certs.as_ref()?.leaf();
+        policy::ntlm::tls_server_end_point(&leaf)
+    }
+
+    async fn auth(&mut self, mechanism: &str, initial: Option<&str>) -> Flow {
+        let Some(auth) = self.conv.shared.auth.clone() else {
+            return self.error(replies::not_implemented());
+        };
+        if self.principal.is_some() {
+            return self.error(replies::already_authenticated());
+        }
+        if self.in_transaction() {
+            return self.error(replies::in_transaction());
+        }
+        if matches!(self.state, State::Fresh) {
+            return self.error(replies::need_helo());
+        }
+        let tls = self.conv.tls.is_some();
+        if !tls && self.conv.listener.require_tls_for_auth {
+            return self.error(replies::starttls_first());
+        }
+        let Some(mech) = auth
+            .mechanisms()
+            .iter()
+            .copied()
+            .find(|m| m.name().eq_ignore_ascii_case(mechanism))
+        else {
+            return self.error(replies::unknown_mechanism());
+        };
+        if mech.sends_password() && !tls {
+            return self.error(replies::encryption_required());
+        }
+        if auth.client_locked(self.conv.peer.ip()) {
+            tracing::warn!(session = %self.conv.id, client = %self.conv.peer, "AUTH refused: client address locked out");
+            auth.failed(self.conv.peer.ip(), None).await;
+            self.reply(replies::auth_locked_out());
+            return Flow::Continue;
+        }
+        let cb = self.channel_binding();
+        let progress = sasl::start(&auth, mech, initial, self.conv.peer.ip(), cb.as_deref());
+        self.auth_progress(progress, mech).await
+    }
+
+    async fn sasl_line(&mut self, line: &[u8]) -> Flow {
+        let Some(exchange) = self.exchange.take() else {
+            return Flow::Continue;
+        };
+        let mech = exchange.mechanism();
+        if line == b"*" {
+            self.reply(replies::auth_cancelled());
+            return Flow::Continue;
+        }
+        let Some(auth) = self.conv.shared.auth.clone() else {
+            return Flow::Continue;
+        };
+        let Ok(text) = std::str::from_utf8(line) else {
+            return self
+                .auth_progress(
+                    Progress::Finished(Err((AuthFailure::Malformed("not base64"), None))),
+                    mech,
+                )
+                .await;
+        };
+        let cb = self.channel_binding();
+        let progress = sasl::step(&auth, exchange, text, self.conv.peer.ip(), cb.as_deref());
+        self.auth_progress(progress, mech).await
+    }
+
+    async fn auth_progress(&mut self, progress: Progress, mech: Mechanism) -> Flow {
+        match progress {
+            Progress::Continue(exchange, text) => {
+                self.exchange = Some(exchange);
+                self.reply(Reply::multi(334, None, vec![text]));
+                Flow::Continue
+            }
+            Progress::Finished(Ok(principal)) => {
+                tracing::info!(
+                    session = %self.conv.id,
+                    client = %self.conv.peer,
+                    user = %principal.display(),
+                    mechanism = mech.name(),
+                    ntlm = principal.detail.unwrap_or("-"),
+                    "authenticated"
+                );
+                self.conv.auth = Some(format!("{} ({})", principal.display(), mech.name()));
+                self.principal = Some(principal);
+                self.reply(replies::auth_ok());
+                Flow::Continue
+            }
+            Progress::Finished(Err((failure, claimed))) => {
+                let who = claimed
+                    .as_ref()
+                    .map(|(d, u)| format!("{d}\\{u}"))
+                    .unwrap_or_else(|| "-".into());
+                tracing::warn!(
+                    session = %self.conv.id,
+                    client = %self.conv.peer,
+                    user = %who,
+                    mechanism = mech.name(),
+                    reason = failure.label(),
+                    "authentication failed"
+                );
+                if let AuthFailure::Malformed(_) = failure {
+                    return self.error(replies::auth_malformed());
+                }
+                if let Some(auth) = self.conv.shared.auth.clone() {
+                    let account = claimed.as_ref().map(|(d, u)| (d.as_str(), u.as_str()));
+                    auth.failed(self.conv.peer.ip(), account).await;
+                }
+                self.error(replies::auth_failed())
+            }
         }
     }
 
@@ -498,6 +655,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ];
         if self.starttls_offered() {
             lines.push("STARTTLS".to_string());
+        }
+        let mechanisms = self.offered_mechanisms();
+        if !mechanisms.is_empty() && self.principal.is_none() {
+            let names: Vec<&str> = mechanisms.iter().map(|m| m.name()).collect();
+            lines.push(format!("AUTH {}", names.join(" ")));
         }
         self.reply(Reply::multi(250, None, lines));
         Flow::Continue
@@ -650,11 +812,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let started = Instant::now();
         let mut receiver = DataReceiver::new(limits.max_line_length, limits.max_message_size);
+        let authenticated = self.principal.as_ref().map(|p| p.display());
         let header = received::Trace {
             helo: self.conv.helo.as_deref().unwrap_or("unknown"),
             client: self.conv.peer.ip(),
             tls: self.conv.tls.as_ref(),
-            authenticated: None,
+            authenticated: authenticated.as_deref(),
             esmtp: self.esmtp,
             host: &self.conv.shared.config.hostname,
             session_id: &self.conv.id,

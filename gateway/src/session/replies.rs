@@ -149,6 +149,43 @@ pub fn backend_failed_in_data() -> Reply {
         "Backend connection lost, message not delivered, try again later",
     )
 }
+pub fn auth_ok() -> Reply {
+    Reply::new(235, E(2, 7, 0), "Authentication successful")
+}
+/// One reply for every refused attempt: unknown user, wrong password,
+/// disabled account, replay… an attacker learns nothing from it.
+pub fn auth_failed() -> Reply {
+    Reply::new(535, E(5, 7, 3), "Authentication unsuccessful")
+}
+pub fn auth_malformed() -> Reply {
+    Reply::new(501, E(5, 5, 2), "Malformed authentication data")
+}
+pub fn auth_cancelled() -> Reply {
+    Reply::new(501, E(5, 7, 0), "Authentication cancelled")
+}
+pub fn auth_locked_out() -> Reply {
+    Reply::new(
+        454,
+        E(4, 7, 0),
+        "Too many authentication failures, try again later",
+    )
+}
+pub fn already_authenticated() -> Reply {
+    Reply::new(503, E(5, 5, 1), "Already authenticated")
+}
+pub fn starttls_first() -> Reply {
+    Reply::new(530, E(5, 7, 0), "Must issue a STARTTLS command first")
+}
+pub fn encryption_required() -> Reply {
+    Reply::new(
+        538,
+        E(5, 7, 11),
+        "Encryption required for requested authentication mechanism",
+    )
+}
+pub fn unknown_mechanism() -> Reply {
+    Reply::new(504, E(5, 5, 4), "Unrecognized authentication mechanism")
+}
 pub fn line_too_long() -> Reply {
     Reply::new(500, E(5, 5, 2), "Line too long")
 }

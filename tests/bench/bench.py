@@ -129,7 +129,7 @@ def start_haproxy(sink_port, tmp):
     cfg = os.path.join(tmp, "haproxy.cfg")
     with open(cfg, "w") as f:
         f.write(f"""global
-    maxconn 20000
+    maxconn 8000
 defaults
     mode tcp
     timeout connect 5s
@@ -190,6 +190,8 @@ def main():
     if args.quick:
         args.rounds, args.messages, args.idle = 1, 200, 200
 
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     subprocess.run(["cargo", "build", "--release", "-p", "relayguard"], cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="relayguard-bench-")
     sink = Sink()

@@ -7,6 +7,7 @@
 //! the Debian packages that `tests/run` installs.
 
 mod backend;
+mod backend_tls;
 mod core;
 mod lifecycle;
 mod protocol;

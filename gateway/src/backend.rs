@@ -96,6 +96,12 @@ impl BackendError {
 enum Stream {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    /// Only while being upgraded to TLS.
+    Closed,
+}
+
+fn closed() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotConnected, "backend stream closed")
 }
 
 impl AsyncRead for Stream {
@@ -107,6 +113,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 }
@@ -120,18 +127,21 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
             Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Closed => Poll::Ready(Err(closed())),
         }
     }
 }
@@ -155,7 +165,24 @@ pub struct Begun {
 }
 
 /// One connection to a backend MTA, greeted and ready for a transaction.
-pub struct Connection {
+/// Boxed inside, so that a session keeping one between transactions (or
+/// not) costs a pointer.
+pub struct Connection(Box<ConnectionState>);
+
+impl std::ops::Deref for Connection {
+    type Target = ConnectionState;
+    fn deref(&self) -> &ConnectionState {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Connection {
+    fn deref_mut(&mut self) -> &mut ConnectionState {
+        &mut self.0
+    }
+}
+
+pub struct ConnectionState {
     stream: Stream,
     rbuf: BytesMut,
     parser: ReplyParser,
@@ -200,12 +227,12 @@ impl Connection {
     }
 
     async fn read_reply(&mut self, stage: Stage, limit: Duration) -> Result<Reply, BackendError> {
-        let Connection {
+        let ConnectionState {
             stream,
             rbuf,
             parser,
             ..
-        } = self;
+        } = &mut *self.0;
         within(limit, stage, async {
             loop {
                 match parser.parse(rbuf) {
@@ -491,7 +518,7 @@ impl Backend {
         })
         .await?;
         let _ = tcp.set_nodelay(true);
-        let mut conn = Connection {
+        let mut conn = Connection(Box::new(ConnectionState {
             stream: Stream::Plain(tcp),
             rbuf: BytesMut::with_capacity(1024),
             parser: ReplyParser::new(false),
@@ -503,7 +530,7 @@ impl Backend {
             transactions: 0,
             stuffer: DotStuffer::new(),
             wbuf: Vec::new(),
-        };
+        }));
         let greeting = conn.read_reply(Stage::Greeting, t.greeting).await?;
         if greeting.code != 220 {
             return Err(BackendError::Refused(Stage::Greeting, greeting));
@@ -528,7 +555,8 @@ impl Backend {
             .await?;
         if ehlo.is_positive() {
             conn.caps = Capabilities::from_ehlo(&ehlo);
-            conn.parser.set_enhanced(conn.caps.enhanced_status_codes);
+            let enhanced = conn.caps.enhanced_status_codes;
+            conn.parser.set_enhanced(enhanced);
             return Ok(());
         }
         if ehlo.is_transient() && ehlo.code == 421 {
@@ -566,7 +594,8 @@ impl Backend {
         let name = name.clone().unwrap_or_else(|| server.host.clone());
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| BackendError::Tls(format!("`{name}` is not a valid TLS server name")))?;
-        let Stream::Plain(tcp) = conn.stream else {
+        let plain = std::mem::replace(&mut conn.stream, Stream::Closed);
+        let Stream::Plain(tcp) = plain else {
             return Err(BackendError::Tls("STARTTLS on a TLS connection".into()));
         };
         let tls = within(self.timeouts.command, Stage::StartTls, async {

@@ -324,62 +324,68 @@ async fn talks_first(tcp: &TcpStream, delay: Duration) -> bool {
     matches!(tokio::time::timeout(delay, tcp.peek(&mut probe)).await, Ok(Ok(n)) if n > 0)
 }
 
+/// One client connection from accept to close. The conversation is built
+/// where it is handed over, so this future never holds it beside the
+/// session that owns it (an idle connection's memory is mostly this future).
 async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, peer: SocketAddr) {
-    let mut conv = Conversation::new(session_id(), peer, info.clone(), shared.clone());
-    tracing::debug!(session = %conv.id, client = %peer, listener = %info.name, "connection accepted");
-    let handshake_timeout = shared.config.limits.tls_handshake_timeout;
-    match (info.mode, &info.acceptor) {
-        (TlsMode::Implicit, Some(acceptor)) => {
-            match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    conv.tls = TlsInfo::from_connection(tls.get_ref().1);
-                    finish(Session::new(tls, conv).greet_and_run().await);
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(session = %conv.id, client = %peer, error = %e, "TLS handshake failed");
-                }
-                Err(_) => {
-                    tracing::info!(session = %conv.id, client = %peer, "TLS handshake timed out");
-                }
-            }
+    let conv = || Conversation::new(session_id(), peer, info.clone(), shared.clone());
+    if let (TlsMode::Implicit, Some(acceptor)) = (info.mode, &info.acceptor) {
+        // Boxed here and below: TLS state is large, and the future of a
+        // plain session should not reserve room for it.
+        Box::pin(tls_session(acceptor.clone(), tcp, conv(), true)).await;
+        return;
+    }
+    if talks_first(&tcp, shared.config.smtp.greeting_delay).await {
+        Box::pin(refuse_early_talker(tcp, conv())).await;
+        return;
+    }
+    match Session::new(tcp, conv()).greet_and_run().await {
+        Outcome::Closed(conv) => conv.log_summary(),
+        Outcome::StartTls(tcp, conv) => match info.acceptor.clone() {
+            Some(acceptor) => Box::pin(tls_session(acceptor, tcp, conv, false)).await,
+            None => conv.log_summary(),
+        },
+    }
+}
+
+async fn refuse_early_talker(mut tcp: TcpStream, mut conv: Conversation) {
+    tracing::warn!(session = %conv.id, client = %conv.peer, "early talker refused");
+    let mut out = Vec::new();
+    replies::early_talker().write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
+    conv.end = "early_talker";
+    conv.log_summary();
+}
+
+/// Handshake, then a session inside TLS. After STARTTLS there is no new
+/// greeting (RFC 3207): the client starts again with EHLO.
+async fn tls_session(
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    mut conv: Conversation,
+    implicit: bool,
+) {
+    let handshake_timeout = conv.shared.config.limits.tls_handshake_timeout;
+    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => {
+            conv.tls = TlsInfo::from_connection(tls.get_ref().1);
+            let session = Session::new(tls, conv);
+            let outcome = if implicit {
+                session.greet_and_run().await
+            } else {
+                session.run().await
+            };
+            finish(outcome);
         }
-        _ => {
-            let mut tcp = tcp;
-            if talks_first(&tcp, shared.config.smtp.greeting_delay).await {
-                tracing::warn!(session = %conv.id, client = %peer, "early talker refused");
-                let mut out = Vec::new();
-                replies::early_talker().write_to(&mut out);
-                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
-                conv.end = "early_talker";
-                conv.log_summary();
-                return;
-            }
-            match Session::new(tcp, conv).greet_and_run().await {
-                Outcome::Closed(conv) => conv.log_summary(),
-                Outcome::StartTls(tcp, mut conv) => {
-                    let Some(acceptor) = info.acceptor.as_ref() else {
-                        conv.log_summary();
-                        return;
-                    };
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            conv.tls = TlsInfo::from_connection(tls.get_ref().1);
-                            // RFC 3207: no greeting after STARTTLS; the
-                            // client starts again with EHLO.
-                            finish(Session::new(tls, conv).run().await);
-                        }
-                        Ok(Err(e)) => {
-                            conv.end = "tls_handshake_failed";
-                            tracing::info!(session = %conv.id, client = %peer, error = %e, "STARTTLS handshake failed");
-                            conv.log_summary();
-                        }
-                        Err(_) => {
-                            conv.end = "tls_handshake_timeout";
-                            conv.log_summary();
-                        }
-                    }
-                }
-            }
+        Ok(Err(e)) => {
+            conv.end = "tls_handshake_failed";
+            tracing::info!(session = %conv.id, client = %conv.peer, error = %e, "TLS handshake failed");
+            conv.log_summary();
+        }
+        Err(_) => {
+            conv.end = "tls_handshake_timeout";
+            tracing::info!(session = %conv.id, client = %conv.peer, "TLS handshake timed out");
+            conv.log_summary();
         }
     }
 }

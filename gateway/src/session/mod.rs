@@ -178,11 +178,33 @@ pub struct Session<S> {
     /// Backend connection kept between this client's transactions.
     idle_backend: Option<Connection>,
     /// An AUTH exchange waiting for the client's next line.
-    exchange: Option<Exchange>,
-    principal: Option<Principal>,
+    exchange: Option<Box<Exchange>>,
+    principal: Option<Box<Principal>>,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+/// A client connection the session can run over.
+///
+/// `wait_readable` lets an idle session wait for input without holding a
+/// read buffer: with ten thousand idle clients, that buffer is most of the
+/// memory a connection costs.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        std::future::ready(Ok(()))
+    }
+}
+
+impl Transport for tokio::net::TcpStream {
+    fn wait_readable(&self) -> impl std::future::Future<Output = std::io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+/// TLS keeps its own record buffers; reading straight away costs nothing more.
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for tokio_rustls::server::TlsStream<S> {}
+
+impl Transport for tokio::io::DuplexStream {}
+
+impl<S: Transport> Session<S> {
     pub fn new(io: S, conv: Conversation) -> Self {
         Session {
             io,
@@ -220,13 +242,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     /// Sends the greeting, then runs the command loop.
-    pub async fn greet_and_run(mut self) -> Outcome<S> {
+    /// Not an `async fn`: the greeting is queued here and goes out with the
+    /// first flush in `run`, so no outer future holds a second copy of the
+    /// session.
+    pub fn greet_and_run(mut self) -> impl std::future::Future<Output = Outcome<S>> {
         let host = self.shared().config.hostname.clone();
         self.reply(replies::greeting(&host));
-        if self.flush().await.is_err() {
-            return self.close("client_gone");
-        }
-        self.run().await
+        self.run()
     }
 
     fn close(mut self, why: &'static str) -> Outcome<S> {
@@ -263,8 +285,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     break;
                 };
                 let flow = match line {
-                    Ok(line) if self.exchange.is_some() => self.sasl_line(&line).await,
-                    Ok(line) => self.command(&line).await,
+                    // Boxed: the command futures (backend connect, TLS,
+                    // AUTH) are large, and an idle session should not
+                    // carry their space while it waits for input.
+                    Ok(line) if self.exchange.is_some() => Box::pin(self.sasl_line(&line)).await,
+                    Ok(line) => Box::pin(self.command(&line)).await,
                     Err(e) => {
                         self.exchange = None;
                         self.line_error(e)
@@ -295,7 +320,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         if self.flush().await.is_err() {
                             return self.close("client_gone");
                         }
-                        if let Err(why) = self.receive_data().await {
+                        if let Err(why) = Box::pin(self.receive_data()).await {
                             return self.close(why);
                         }
                     }
@@ -341,6 +366,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let shutdown = self.conv.shared.shutdown.clone();
         let idle = !self.in_transaction() && chunk == COMMAND_READ_CHUNK;
+        if self.rbuf.is_empty() {
+            // Give the buffers back while waiting; they are allocated
+            // again when input actually arrives.
+            self.rbuf = BytesMut::new();
+            self.wbuf = Vec::new();
+            let io = &self.io;
+            let wait = tokio::time::timeout(timeout, io.wait_readable());
+            tokio::select! {
+                r = wait => match r {
+                    Err(_) => return Err("timeout"),
+                    Ok(Err(_)) => return Err("client_gone"),
+                    Ok(Ok(())) => {}
+                },
+                _ = shutdown.cancelled(), if idle => return Err("shutdown"),
+            }
+        }
         self.rbuf.reserve(chunk);
         let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.rbuf));
         let n = tokio::select! {
@@ -563,14 +604,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 .await;
         };
         let cb = self.channel_binding();
-        let progress = sasl::step(&auth, exchange, text, self.conv.peer.ip(), cb.as_deref());
+        let progress = sasl::step(&auth, *exchange, text, self.conv.peer.ip(), cb.as_deref());
         self.auth_progress(progress, mech).await
     }
 
     async fn auth_progress(&mut self, progress: Progress, mech: Mechanism) -> Flow {
         match progress {
             Progress::Continue(exchange, text) => {
-                self.exchange = Some(exchange);
+                self.exchange = Some(Box::new(exchange));
                 self.reply(Reply::multi(334, None, vec![text]));
                 Flow::Continue
             }
@@ -584,7 +625,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     "authenticated"
                 );
                 self.conv.auth = Some(format!("{} ({})", principal.display(), mech.name()));
-                self.principal = Some(principal);
+                self.principal = Some(Box::new(principal));
                 self.reply(replies::auth_ok());
                 Flow::Continue
             }

@@ -186,3 +186,45 @@ fn session_summary_is_logged_with_the_received_session_id() {
     let message = gw.wait_for_event("message", TIMEOUT, |v| v["session"] == id.as_str());
     assert_eq!(message["reply"], 250, "{message}");
 }
+
+/// Resident memory of a process, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_50_mb_message_is_streamed_not_buffered() {
+    let (sink, gw) = gateway_with_sink(&[("limits.max_message_size", "60000000")]);
+    let before = rss_kib(gw.pid());
+    let mut c = Client::greeted(gw.addr("smtp"));
+    c.mail("big@client.test").expect("250");
+    c.rcpt("x@example.test").expect("250");
+    c.send("DATA").expect("354");
+    let line = format!("{}\r\n", "x".repeat(998));
+    let block = line.repeat(1000); // 1 MB
+    for _ in 0..50 {
+        c.send_raw(block.as_bytes());
+    }
+    c.send_raw(b".\r\n").expect("250");
+    c.send("QUIT").expect("221");
+    let after = rss_kib(gw.pid());
+    let msgs = sink.wait_for_messages(1, TIMEOUT);
+    // smtp-sink stores LF line ends: 50,000 lines of 998 bytes + LF.
+    assert_eq!(
+        msgs[0].data.matches(&line[..998]).count(),
+        50_000,
+        "whole message arrived"
+    );
+    // The whole message is 50 MB; the gateway's memory must not grow by
+    // anything near that.
+    assert!(
+        after.saturating_sub(before) < 10 * 1024,
+        "RSS grew from {before} KiB to {after} KiB while relaying 50 MB"
+    );
+}

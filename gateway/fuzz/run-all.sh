@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds every fuzz target and runs each for SECONDS (default 30), starting
-# from the hand-written seeds in seeds/<target>/. New inputs go to
+# Builds every fuzz target once, then runs each for SECONDS (default 30),
+# starting from the hand-written seeds in seeds/<target>/. New inputs go to
 # corpus/<target>/ and crashes to artifacts/<target>/ (both git-ignored).
+# Exits non-zero if any target finds a crash.
 #
 # cargo-fuzz needs nightly-only rustc flags (-Zsanitizer, coverage); on a
 # stable toolchain RUSTC_BOOTSTRAP=1 unlocks them.
@@ -16,14 +17,21 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
     exit 1
 fi
 
+# One build for all targets, so every run tests the same source snapshot.
 cargo fuzz build
+host="$(rustc -vV | sed -n 's/^host: //p')"
+bin_dir="target/$host/release"
+# cargo-fuzz sets this when it runs a target itself.
+export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_odr_violation=0}"
+
 status=0
 for target in $(cargo fuzz list); do
     echo "=== $target (${seconds}s)"
-    mkdir -p "corpus/$target"
-    if ! cargo fuzz run "$target" "corpus/$target" "seeds/$target" -- \
-        -max_total_time="$seconds" -max_len=16384 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
-        echo "=== $target FAILED" >&2
+    mkdir -p "corpus/$target" "artifacts/$target"
+    if ! "$bin_dir/$target" "corpus/$target" "seeds/$target" \
+        -artifact_prefix="artifacts/$target/" -max_total_time="$seconds" \
+        -max_len=16384 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
+        echo "=== $target FAILED, see artifacts/$target/" >&2
         status=1
     fi
 done

@@ -29,11 +29,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(cmd) => {
             assert_eq!(command::verb(data), Some(cmd.verb()));
             match cmd {
-                Command::Mail { from, .. } => {
-                    if let ReversePath::Path(p) = from {
-                        check_path(p);
-                    }
-                }
+                Command::Mail {
+                    from: ReversePath::Path(p),
+                    ..
+                } => check_path(p),
                 Command::Rcpt { to } => check_path(to),
                 Command::Ehlo(s) | Command::Helo(s) | Command::Vrfy(s) | Command::Expn(s) => {
                     assert!(!s.is_empty());

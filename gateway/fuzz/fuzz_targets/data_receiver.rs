@@ -98,7 +98,10 @@ fuzz_target!(|data: &[u8]| {
     }
     // Small limits: same end, output a prefix of the unlimited one.
     let limited = receive(usize::from(*b) + 1, small_limit, input, step);
-    assert_eq!((limited.consumed, limited.complete), (run.consumed, run.complete));
+    assert_eq!(
+        (limited.consumed, limited.complete),
+        (run.consumed, run.complete)
+    );
     assert!(run.out.starts_with(&limited.out));
 
     // 2. Round trip: whatever the content, the stuffed message ends exactly

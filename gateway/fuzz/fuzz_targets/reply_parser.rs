@@ -50,7 +50,9 @@ fuzz_target!(|data: &[u8]| {
         for line in &lines {
             assert!(line.len() <= 512);
             assert!(line.ends_with(b"\r\n"));
-            assert!(!line[..line.len() - 2].iter().any(|&b| b == b'\r' || b == b'\n'));
+            assert!(!line[..line.len() - 2]
+                .iter()
+                .any(|&b| b == b'\r' || b == b'\n'));
             assert!(line.is_ascii());
         }
         // And it reads back as the same reply code and shape.

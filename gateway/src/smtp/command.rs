@@ -183,6 +183,11 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         _ => {}
     }
     let args = std::str::from_utf8(args).map_err(|_| Syntax("command is not valid UTF-8"))?;
+    // C1 controls too: U+009B is CSI to many terminals, and these arguments
+    // end up in logs.
+    if args.chars().any(char::is_control) {
+        return Err(Syntax("control character in command"));
+    }
     let no_args = |cmd: Command| {
         // Text after DATA in particular must not be mistaken for the start
         // of the message.
@@ -739,6 +744,9 @@ mod tests {
             (b"EHLO a\tb", Err(E::Syntax("control character in command"))),
             (b"EHLO a\xffb", Err(E::Syntax("command is not valid UTF-8"))),
             (b"EHLO h\xc3\xa9.example", Ok(C::Ehlo("h\u{e9}.example".into()))),
+            // Found by fuzzing: U+0085 (NEL), a C1 control.
+            (b"EHLO x\xc2\x85y", Err(E::Syntax("control character in command"))),
+            (b"HELP \xc2\x9b31m", Err(E::Syntax("control character in command"))),
             // --- MAIL
             (b"MAIL FROM:<user@example.com>", Ok(mail("user@example.com", "user", "example.com"))),
             (b"mail from:<User@Example.COM>", Ok(mail("User@Example.COM", "User", "Example.COM"))),

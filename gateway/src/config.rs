@@ -568,6 +568,19 @@ impl Config {
                     e.reason.to_string(),
                 ));
             }
+            let lockout = &auth.lockout;
+            for (field, value) in [
+                ("max_failures_per_client", lockout.max_failures_per_client),
+                ("max_failures_per_account", lockout.max_failures_per_account),
+            ] {
+                if value == 0 {
+                    return Err(err(
+                        format!("auth.lockout.{field}"),
+                        field,
+                        "must be at least 1".into(),
+                    ));
+                }
+            }
             if auth.mechanisms.is_empty() {
                 return Err(err(
                     "auth.mechanisms".into(),

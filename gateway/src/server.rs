@@ -368,7 +368,14 @@ async fn tls_session(
     let handshake_timeout = conv.shared.config.limits.tls_handshake_timeout;
     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => {
-            conv.tls = TlsInfo::from_connection(tls.get_ref().1);
+            conv.tls = TlsInfo::from_connection(tls.get_ref().1).map(|mut info| {
+                info.end_point = conv
+                    .listener
+                    .certs
+                    .as_ref()
+                    .and_then(|c| policy::ntlm::tls_server_end_point(&c.leaf()));
+                info
+            });
             let session = Session::new(tls, conv);
             let outcome = if implicit {
                 session.greet_and_run().await

@@ -220,6 +220,10 @@ pub fn self_signed(hostname: &str) -> Result<(String, String), TlsError> {
 pub struct TlsInfo {
     pub version: &'static str,
     pub cipher: String,
+    /// RFC 5929 tls-server-end-point of the certificate presented in this
+    /// handshake (for NTLM channel binding); a later certificate reload
+    /// does not change what this session was shown.
+    pub end_point: Option<Vec<u8>>,
 }
 
 impl TlsInfo {
@@ -233,7 +237,11 @@ impl TlsInfo {
             .negotiated_cipher_suite()
             .map(|s| format!("{:?}", s.suite()))
             .unwrap_or_default();
-        Some(TlsInfo { version, cipher })
+        Some(TlsInfo {
+            version,
+            cipher,
+            end_point: None,
+        })
     }
 }
 

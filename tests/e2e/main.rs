@@ -6,6 +6,8 @@
 //! Needs `target/debug/relayguard` (`cargo build --workspace --bins`) and
 //! the Debian packages that `tests/run` installs.
 
+mod ad;
+mod auth;
 mod backend;
 mod backend_tls;
 mod core;

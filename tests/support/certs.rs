@@ -15,3 +15,13 @@ pub fn test_cert(dir: &Path) -> (PathBuf, PathBuf, String) {
     crate::write_file(&key, ck.key_pair.serialize_pem());
     (cert, key, cert_pem)
 }
+
+/// The DER bytes of the first certificate in `pem` (for the NTLM channel
+/// binding, which hashes the certificate as sent on the wire).
+pub fn pem_to_der(pem: &str) -> Vec<u8> {
+    rustls_pemfile::certs(&mut pem.as_bytes())
+        .next()
+        .expect("a certificate in the PEM")
+        .expect("valid PEM")
+        .to_vec()
+}

@@ -14,7 +14,7 @@
 //! ```
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// How long one reply may take to arrive.
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
@@ -185,6 +186,26 @@ impl Client {
     pub fn connect(addr: SocketAddr) -> Client {
         let tcp = TcpStream::connect_timeout(&addr, READ_TIMEOUT)
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        Client::over(tcp, addr)
+    }
+
+    /// Connects from another loopback source address (e.g. `127.0.0.2`),
+    /// to play a second client machine.
+    pub fn connect_from(addr: SocketAddr, source: IpAddr) -> Client {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+            .expect("socket");
+        socket
+            .bind(&SocketAddr::new(source, 0).into())
+            .unwrap_or_else(|e| panic!("bind {source}: {e}"));
+        socket
+            .connect_timeout(&addr.into(), READ_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr} from {source}: {e}"));
+        let mut c = Client::over(socket.into(), addr);
+        c.transcript.push(format!("(from {source})"));
+        c
+    }
+
+    fn over(tcp: TcpStream, addr: SocketAddr) -> Client {
         tcp.set_read_timeout(Some(READ_TIMEOUT))
             .expect("set_read_timeout");
         tcp.set_nodelay(true).expect("nodelay");

@@ -80,3 +80,8 @@ pub fn swaks<S: AsRef<OsStr>>(args: &[S]) -> Output {
 pub fn curl<S: AsRef<OsStr>>(args: &[S]) -> Output {
     run_tool("curl", args)
 }
+
+/// Runs `nmap` with the given arguments (60 s limit).
+pub fn nmap<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    run_tool("nmap", args)
+}

@@ -6,6 +6,7 @@
 //! password — against the configured identity source. The backend's
 //! opinion is never asked. The outcome is a [`Principal`].
 
+pub mod ad;
 pub mod sasl;
 
 use std::net::IpAddr;
@@ -204,6 +205,9 @@ pub enum AuthFailure {
     /// Too many failures for this account from this address: `535`.
     #[error("locked out")]
     LockedOut,
+    /// Too many failures from this address: `454 4.7.0`.
+    #[error("client address locked out")]
+    ClientLockedOut,
 }
 
 impl AuthFailure {
@@ -212,6 +216,7 @@ impl AuthFailure {
             AuthFailure::Malformed(_) => "malformed",
             AuthFailure::Refused(l) => l,
             AuthFailure::LockedOut => "locked_out",
+            AuthFailure::ClientLockedOut => "client_locked_out",
         }
     }
 }
@@ -362,12 +367,15 @@ impl Authenticator {
 
     /// Counts a failure and waits the configured delay.
     pub async fn failed(&self, ip: IpAddr, account: Option<(&str, &str)>) {
-        let n = self.client_failures.get(&ip).unwrap_or(0) + 1;
-        self.client_failures.insert(ip, n);
+        // Atomic increments: parallel failures from one address all count.
+        self.client_failures
+            .entry(ip)
+            .and_upsert_with(|e| e.map(|e| e.into_value() + 1).unwrap_or(1));
         if let Some((domain, user)) = account {
             let key = Self::account_key(domain, user, ip);
-            let n = self.account_failures.get(&key).unwrap_or(0) + 1;
-            self.account_failures.insert(key, n);
+            self.account_failures
+                .entry(key)
+                .and_upsert_with(|e| e.map(|e| e.into_value() + 1).unwrap_or(1));
         }
         if !self.config.lockout.failure_delay.is_zero() {
             tokio::time::sleep(self.config.lockout.failure_delay).await;
@@ -383,6 +391,11 @@ impl Authenticator {
         channel_binding: Option<&[u8]>,
     ) -> Result<Principal, (AuthFailure, Option<(String, String)>)> {
         let claimed = self.claimed_identity(message);
+        // Re-checked here: an exchange opened before the address was locked
+        // out must not get its guess verified after.
+        if self.client_locked(ip) {
+            return Err((AuthFailure::ClientLockedOut, claimed));
+        }
         if let Some((domain, user)) = &claimed {
             if self.account_locked(domain, user, ip) {
                 return Err((AuthFailure::LockedOut, claimed));
@@ -419,6 +432,9 @@ impl Authenticator {
         let claimed = Some((domain.clone(), user.clone()));
         if user.is_empty() || password.is_empty() {
             return Err((AuthFailure::Refused("anonymous_refused"), claimed));
+        }
+        if self.client_locked(ip) {
+            return Err((AuthFailure::ClientLockedOut, claimed));
         }
         if self.account_locked(&domain, &user, ip) {
             return Err((AuthFailure::LockedOut, claimed));
@@ -457,18 +473,22 @@ impl Authenticator {
     }
 
     /// `DOMAIN\user`, `user@domain` or `user` (our NetBIOS domain).
+    /// Our DNS domain is an alias of our NetBIOS domain in every form, so
+    /// the lockout counts one account however its domain is spelled.
     fn split_login(&self, login: &str) -> (String, String) {
         let ours = &self.ntlm.netbios_domain;
-        if let Some((d, u)) = login.split_once('\\') {
-            return (d.to_string(), u.to_string());
-        }
-        if let Some((u, d)) = login.rsplit_once('@') {
-            let d = if d.eq_ignore_ascii_case(&self.ntlm.dns_domain) {
+        let canonical = |d: &str| {
+            if d.is_empty() || d.eq_ignore_ascii_case(&self.ntlm.dns_domain) {
                 ours.clone()
             } else {
                 d.to_string()
-            };
-            return (d, u.to_string());
+            }
+        };
+        if let Some((d, u)) = login.split_once('\\') {
+            return (canonical(d), u.to_string());
+        }
+        if let Some((u, d)) = login.rsplit_once('@') {
+            return (canonical(d), u.to_string());
         }
         (ours.clone(), login.to_string())
     }

@@ -504,7 +504,7 @@ impl<S: Transport> Session<S> {
                 } else if self.principal.is_some() {
                     // A plaintext AUTH cannot be carried into TLS: RFC 3207
                     // would discard it anyway, so refuse rather than surprise.
-                    self.error(replies::in_transaction())
+                    self.error(replies::starttls_after_auth())
                 } else if !self.starttls_offered() {
                     self.error(replies::tls_unavailable())
                 } else if self.in_transaction() {
@@ -537,11 +537,10 @@ impl<S: Transport> Session<S> {
             .collect()
     }
 
-    /// The tls-server-end-point channel binding of this session (RFC 5929).
+    /// The tls-server-end-point channel binding of this session (RFC 5929),
+    /// of the certificate this session was shown (recorded at handshake).
     fn channel_binding(&self) -> Option<Vec<u8>> {
-        self.conv.tls.as_ref()?;
-        let leaf = self.conv.listener.certs.as_ref()?.leaf();
-        policy::ntlm::tls_server_end_point(&leaf)
+        self.conv.tls.as_ref()?.end_point.clone()
     }
 
     async fn auth(&mut self, mechanism: &str, initial: Option<&str>) -> Flow {
@@ -559,7 +558,13 @@ impl<S: Transport> Session<S> {
         }
         let tls = self.conv.tls.is_some();
         if !tls && self.conv.listener.require_tls_for_auth {
-            return self.error(replies::starttls_first());
+            // Point to STARTTLS only where it exists.
+            let r = if self.starttls_offered() {
+                replies::starttls_first()
+            } else {
+                replies::auth_needs_tls_listener()
+            };
+            return self.error(r);
         }
         let Some(mech) = auth
             .mechanisms()
@@ -645,6 +650,13 @@ impl<S: Transport> Session<S> {
                 if let AuthFailure::Malformed(_) = failure {
                     return self.error(replies::auth_malformed());
                 }
+                if let AuthFailure::ClientLockedOut = failure {
+                    if let Some(auth) = self.conv.shared.auth.clone() {
+                        auth.failed(self.conv.peer.ip(), None).await;
+                    }
+                    self.reply(replies::auth_locked_out());
+                    return Flow::Continue;
+                }
                 if let Some(auth) = self.conv.shared.auth.clone() {
                     let account = claimed.as_ref().map(|(d, u)| (d.as_str(), u.as_str()));
                     auth.failed(self.conv.peer.ip(), account).await;
@@ -658,6 +670,7 @@ impl<S: Transport> Session<S> {
         self.conv.listener.mode == TlsMode::Starttls
             && self.conv.listener.acceptor.is_some()
             && self.conv.tls.is_none()
+            && self.principal.is_none()
     }
 
     /// Ends the current transaction (RSET, EHLO). The backend connection is

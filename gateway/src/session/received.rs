@@ -123,6 +123,7 @@ mod tests {
         let tls = TlsInfo {
             version: "TLSv1.3",
             cipher: "TLS13_AES_256_GCM_SHA384".into(),
+            end_point: None,
         };
         let t = Trace {
             helo: "evil)\r\nX-Injected: yes",

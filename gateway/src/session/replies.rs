@@ -176,6 +176,16 @@ pub fn already_authenticated() -> Reply {
 pub fn starttls_first() -> Reply {
     Reply::new(530, E(5, 7, 0), "Must issue a STARTTLS command first")
 }
+pub fn auth_needs_tls_listener() -> Reply {
+    Reply::new(
+        502,
+        E(5, 7, 0),
+        "AUTH requires TLS, which this listener does not offer",
+    )
+}
+pub fn starttls_after_auth() -> Reply {
+    Reply::new(503, E(5, 5, 1), "STARTTLS is not allowed after AUTH")
+}
 pub fn encryption_required() -> Reply {
     Reply::new(
         538,

@@ -170,13 +170,19 @@ pub fn ntlmv1_ess_response(
     server_challenge: &[u8; 8],
     client_challenge: &[u8; 8],
 ) -> [u8; 24] {
+    desl(nt_hash, &ess_challenge(server_challenge, client_challenge))
+}
+
+/// The challenge NTLMv1-ESS responses are computed over:
+/// MD5(ServerChallenge || ClientChallenge)[0..8].
+pub fn ess_challenge(server_challenge: &[u8; 8], client_challenge: &[u8; 8]) -> [u8; 8] {
     let digest = Md5::new()
         .chain_update(server_challenge)
         .chain_update(client_challenge)
         .finalize();
     let mut d = [0u8; 8];
     d.copy_from_slice(&digest[..8]);
-    desl(nt_hash, &d)
+    d
 }
 
 /// SessionBaseKey for NTLMv1 and v1-ESS: MD4(NT hash).

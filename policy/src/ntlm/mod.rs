@@ -28,7 +28,7 @@ use crate::identity::Account;
 
 pub use channel_binding::{channel_bindings_hash, tls_server_end_point};
 pub use client::{ClientCredentials, ClientHandshake, ClientMode, ClientOptions};
-pub use server::{ReplayCache, ServerHandshake};
+pub use server::{PendingAuthenticate, ReplayCache, ServerHandshake};
 
 /// How the server identifies itself and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,7 @@
 //! The server side of one NTLM exchange: NEGOTIATE in, CHALLENGE out,
-//! AUTHENTICATE verified against a [`CredentialStore`].
+//! AUTHENTICATE verified against a [`CredentialStore`] or, split in two
+//! ([`ServerHandshake::begin_authenticate`], then
+//! [`PendingAuthenticate::finish_external`]), by a domain controller.
 
 use std::fmt;
 use std::sync::Arc;
@@ -153,15 +155,17 @@ impl ServerHandshake {
         Ok(bytes)
     }
 
-    /// Verifies the AUTHENTICATE (type 3) message.
+    /// Verifies the AUTHENTICATE (type 3) message against local NT hashes:
+    /// [`ServerHandshake::begin_authenticate`] then
+    /// [`PendingAuthenticate::verify_local`].
     ///
     /// `channel_binding` is the RFC 5929 `tls-server-end-point` value of the
     /// certificate this session presented (see [`super::tls_server_end_point`]),
     /// or `None` outside TLS.
     ///
     /// Checks run cheapest and credential-independent first (structure,
-    /// anonymous, NTLMv1 policy), then the proof; everything after the proof
-    /// is reported only to a client that knows the password.
+    /// anonymous, NTLMv1 policy, MIC requirement), then the proof; everything
+    /// after the proof is reported only to a client that knows the password.
     pub fn authenticate(
         self,
         authenticate: &[u8],
@@ -169,9 +173,24 @@ impl ServerHandshake {
         replay: &ReplayCache,
         channel_binding: Option<&[u8]>,
     ) -> Result<Authenticated, NtlmError> {
-        let State::AwaitingAuthenticate(challenged) = &self.state else {
+        self.begin_authenticate(authenticate)?
+            .verify_local(store, replay, channel_binding)
+    }
+
+    /// Parses the AUTHENTICATE (type 3) message and runs every check that
+    /// does not need the password: structure, anonymous, LM and NTLMv1
+    /// policy, and whether a required MIC (or a channel binding NTLMv1
+    /// cannot carry) is present.
+    ///
+    /// The result is verified either here ([`PendingAuthenticate::verify_local`])
+    /// or by a domain controller, whose answer goes to
+    /// [`PendingAuthenticate::finish_external`]. Both end in the same
+    /// post-proof checks.
+    pub fn begin_authenticate(self, authenticate: &[u8]) -> Result<PendingAuthenticate, NtlmError> {
+        let State::AwaitingAuthenticate(challenged) = self.state else {
             return Err(NtlmError::UnexpectedMessage);
         };
+        let cfg = self.config;
         let msg = AuthenticateMessage::parse(authenticate)?;
         let unicode = msg.flags & flags::NEGOTIATE_UNICODE != 0;
         if msg.flags & flags::ANONYMOUS != 0 {
@@ -190,36 +209,340 @@ impl ServerHandshake {
         }
         let domain = super::message::decode_string(msg.domain, unicode)?;
         let workstation = super::message::decode_string(msg.workstation, unicode)?;
-        if !matches!(msg.encrypted_random_session_key.len(), 0 | 16) {
-            return Err(NtlmError::Malformed("session key must be 16 bytes"));
-        }
-        let attempt = Attempt {
-            hs: &self,
-            challenged,
-            msg: &msg,
-            raw: authenticate,
-            user: &user,
-            domain: &domain,
+        let encrypted_session_key = match msg.encrypted_random_session_key.len() {
+            0 => None,
+            16 => <[u8; 16]>::try_from(msg.encrypted_random_session_key).ok(),
+            _ => return Err(NtlmError::Malformed("session key must be 16 bytes")),
         };
-        let verified = match msg.nt_response.len() {
-            24 => attempt.verify_v1(store)?,
-            n if n >= 16 + BLOB_HEADER_LEN + 4 => attempt.verify_v2(store, channel_binding)?,
+        let kind = match msg.nt_response.len() {
+            24 => {
+                if !cfg.allow_ntlmv1 {
+                    return Err(NtlmError::NtlmV1Refused);
+                }
+                // NTLMv1 has no AV pairs, so neither a MIC nor a channel binding.
+                if cfg.require_mic {
+                    return Err(NtlmError::MicRequired);
+                }
+                if cfg.channel_binding == ChannelBindingMode::Required {
+                    return Err(NtlmError::ChannelBindingRequired);
+                }
+                // NTLMv1-ESS puts the client challenge in the LM field,
+                // zero-padded. Checking the padding too (as Samba does) keeps
+                // a plain-v1 client that merely echoes our ESS flag working.
+                let ess_client_challenge = match msg.lm_response {
+                    lm if msg.flags & flags::NEGOTIATE_EXTENDED_SESSIONSECURITY != 0
+                        && lm.len() == 24
+                        && lm[8..].iter().all(|&b| b == 0) =>
+                    {
+                        let mut cc = [0u8; 8];
+                        cc.copy_from_slice(&lm[..8]);
+                        Some(cc)
+                    }
+                    _ => None,
+                };
+                Kind::V1 {
+                    ess_client_challenge,
+                }
+            }
+            n if n >= 16 + BLOB_HEADER_LEN + 4 => {
+                let blob = Blob::parse(&msg.nt_response[16..])?;
+                if blob.msv_av_flags & MSV_AV_FLAG_MIC_PRESENT != 0 {
+                    if msg.mic.is_none() {
+                        return Err(NtlmError::Malformed("MIC flagged but no MIC field"));
+                    }
+                } else if cfg.require_mic {
+                    return Err(NtlmError::MicRequired);
+                }
+                Kind::V2(blob)
+            }
             _ => return Err(NtlmError::Malformed("NT response has an invalid length")),
         };
-        if !replay.first_use(verified.replay_key) {
+        Ok(PendingAuthenticate {
+            config: cfg,
+            clock: self.clock,
+            server_challenge: self.server_challenge,
+            challenged,
+            flags: msg.flags,
+            lm_response: msg.lm_response.to_vec(),
+            nt_response: msg.nt_response.to_vec(),
+            encrypted_session_key,
+            mic: msg.mic,
+            raw: authenticate.to_vec(),
+            user,
+            domain,
+            workstation,
+            kind,
+        })
+    }
+}
+
+/// An AUTHENTICATE message that passed every check not needing the
+/// password, waiting for its proof to be verified.
+///
+/// Consumed by exactly one of [`PendingAuthenticate::verify_local`] (NT
+/// hashes we hold) or [`PendingAuthenticate::finish_external`] (a domain
+/// controller verified the proof). Either way the same post-proof checks
+/// run: target-info echo, timestamp window, MIC, channel binding, replay,
+/// account state. An externally verified response cannot skip them,
+/// because the only way to an [`Authenticated`] is through them.
+pub struct PendingAuthenticate {
+    config: NtlmConfig,
+    clock: Arc<dyn Clock>,
+    server_challenge: [u8; 8],
+    challenged: Challenged,
+    flags: u32,
+    lm_response: Vec<u8>,
+    nt_response: Vec<u8>,
+    encrypted_session_key: Option<[u8; 16]>,
+    mic: Option<[u8; 16]>,
+    /// The AUTHENTICATE exactly as received: the MIC covers it.
+    raw: Vec<u8>,
+    user: String,
+    domain: String,
+    workstation: String,
+    kind: Kind,
+}
+
+enum Kind {
+    V1 {
+        ess_client_challenge: Option<[u8; 8]>,
+    },
+    V2(Blob),
+}
+
+impl fmt::Debug for PendingAuthenticate {
+    // Responses are offline-crackable: keep them out of logs.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PendingAuthenticate")
+            .field("user", &self.user)
+            .field("domain", &self.domain)
+            .field("workstation", &self.workstation)
+            .field("version", &self.version())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PendingAuthenticate {
+    /// The user name exactly as the client sent it (the proof covers this
+    /// spelling).
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// The domain exactly as the client sent it; may be empty.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// Client-supplied and unverified; for logs only.
+    pub fn workstation(&self) -> &str {
+        &self.workstation
+    }
+
+    /// The challenge this gateway sent in its CHALLENGE.
+    pub fn server_challenge(&self) -> [u8; 8] {
+        self.server_challenge
+    }
+
+    /// The challenge a domain controller must verify the NT response
+    /// against: the server challenge, except for NTLMv1-ESS, where it is
+    /// MD5(ServerChallenge ‖ ClientChallenge)[0..8]. Extended session
+    /// security is negotiated between client and gateway; a DC's
+    /// pass-through check (netlogon, winbind) only sees a challenge and a
+    /// response, so the gateway hands it the effective one, as Samba's own
+    /// NTLMSSP server does.
+    pub fn external_challenge(&self) -> [u8; 8] {
+        match &self.kind {
+            Kind::V1 {
+                ess_client_challenge: Some(cc),
+            } => crypto::ess_challenge(&self.server_challenge, cc),
+            _ => self.server_challenge,
+        }
+    }
+
+    pub fn nt_response(&self) -> &[u8] {
+        &self.nt_response
+    }
+
+    pub fn lm_response(&self) -> &[u8] {
+        &self.lm_response
+    }
+
+    pub fn version(&self) -> NtlmVersion {
+        match &self.kind {
+            Kind::V2(_) => NtlmVersion::V2,
+            Kind::V1 {
+                ess_client_challenge: Some(_),
+            } => NtlmVersion::V1Ess,
+            Kind::V1 { .. } => NtlmVersion::V1,
+        }
+    }
+
+    /// Verifies the proof against the NT hash of the account `store` has for
+    /// the named user, then runs the post-proof checks.
+    pub fn verify_local(
+        self,
+        store: &dyn CredentialStore,
+        replay: &ReplayCache,
+        channel_binding: Option<&[u8]>,
+    ) -> Result<Authenticated, NtlmError> {
+        let account = self.lookup(store);
+        let nt_hash = account.as_ref().map_or(&DUMMY_NT_HASH, |a| &a.nt_hash);
+        let (proof_ok, session_base_key) = match &self.kind {
+            Kind::V2(_) => {
+                let (proof_on_wire, temp) = self.nt_response.split_at(16);
+                // The user and domain exactly as sent: that is what the
+                // client hashed.
+                let response_key = crypto::ntowfv2(nt_hash, &self.user, &self.domain);
+                let proof = crypto::nt_proof_str(&response_key, &self.server_challenge, temp);
+                (
+                    bool::from(proof[..].ct_eq(proof_on_wire)),
+                    crypto::session_base_key_v2(&response_key, &proof),
+                )
+            }
+            Kind::V1 {
+                ess_client_challenge,
+            } => {
+                let expected = match ess_client_challenge {
+                    Some(cc) => crypto::ntlmv1_ess_response(nt_hash, &self.server_challenge, cc),
+                    None => crypto::ntlmv1_response(nt_hash, &self.server_challenge),
+                };
+                (
+                    bool::from(expected[..].ct_eq(&self.nt_response)),
+                    crypto::session_base_key_v1(nt_hash),
+                )
+            }
+        };
+        let account = match account {
+            Some(a) if proof_ok => a,
+            _ => return Err(NtlmError::BadCredentials),
+        };
+        self.conclude(account, session_base_key, replay, channel_binding)
+    }
+
+    /// Completes an exchange whose proof an external verifier (the domain
+    /// controller) accepted, given the SessionBaseKey it returned (Samba's
+    /// `User-Session-Key`; for NTLMv2 the key the MIC depends on).
+    ///
+    /// The verifier must have been given exactly [`Self::user`],
+    /// [`Self::domain`], [`Self::external_challenge`] and
+    /// [`Self::nt_response`] of this value: the NTLMv2 blob is trusted here
+    /// only because its proof was checked over these bytes. `account` is who
+    /// the directory says the client is (groups, addresses, enabled).
+    pub fn finish_external(
+        self,
+        account: Account,
+        session_base_key: [u8; 16],
+        replay: &ReplayCache,
+        channel_binding: Option<&[u8]>,
+    ) -> Result<Authenticated, NtlmError> {
+        self.conclude(account, session_base_key, replay, channel_binding)
+    }
+
+    /// The checks that follow a verified proof, shared by both paths.
+    fn conclude(
+        self,
+        account: Account,
+        session_base_key: [u8; 16],
+        replay: &ReplayCache,
+        channel_binding: Option<&[u8]>,
+    ) -> Result<Authenticated, NtlmError> {
+        let (mic_verified, channel_bound, replay_key) = match &self.kind {
+            Kind::V2(blob) => {
+                // The blob is covered by the proof, so from here on its
+                // contents are what the password holder sent.
+                self.check_target_info_echo(blob)?;
+                self.check_timestamps(blob)?;
+                let mic_verified = self.check_mic(blob, &session_base_key)?;
+                let channel_bound = check_channel_binding(
+                    self.config.channel_binding,
+                    blob.channel_bindings,
+                    channel_binding,
+                )?;
+                // The NTProofStr covers the server challenge.
+                (
+                    mic_verified,
+                    channel_bound,
+                    ReplayKey::new(&self.nt_response[..16]),
+                )
+            }
+            // MIC and binding requirements were refused before the proof.
+            Kind::V1 { .. } => (false, false, ReplayKey::new(&self.nt_response)),
+        };
+        if !replay.first_use(replay_key) {
             return Err(NtlmError::Replay);
         }
-        if !verified.account.enabled {
+        if !account.enabled {
             return Err(NtlmError::AccountDisabled);
         }
         Ok(Authenticated {
-            account: verified.account,
-            version: verified.version,
-            session_base_key: verified.session_base_key,
-            mic_verified: verified.mic_verified,
-            channel_bound: verified.channel_bound,
-            workstation,
+            version: self.version(),
+            account,
+            session_base_key,
+            mic_verified,
+            channel_bound,
+            workstation: self.workstation,
         })
+    }
+
+    fn check_target_info_echo(&self, blob: &Blob) -> Result<(), NtlmError> {
+        let sent = &self.challenged.challenge[self.challenged.target_info.clone()];
+        walk_av_pairs(sent, |id, value| match id {
+            av_id::NB_DOMAIN_NAME
+            | av_id::NB_COMPUTER_NAME
+            | av_id::DNS_DOMAIN_NAME
+            | av_id::DNS_COMPUTER_NAME
+            | av_id::DNS_TREE_NAME
+            | av_id::TIMESTAMP
+                if blob.find(id) != Some(value) =>
+            {
+                Err(NtlmError::TargetInfoMismatch)
+            }
+            _ => Ok(()),
+        })?;
+        Ok(())
+    }
+
+    fn check_timestamps(&self, blob: &Blob) -> Result<(), NtlmError> {
+        let window = self.config.timestamp_window;
+        let now = filetime(self.clock.now());
+        if filetime_distance(now, blob.timestamp) > window
+            || filetime_distance(now, self.challenged.issued) > window
+        {
+            return Err(NtlmError::TimestampOutOfWindow);
+        }
+        Ok(())
+    }
+
+    /// Verifies the MIC when MsvAvFlags announces one; `Ok(false)` when none
+    /// is announced (its absence under `require_mic` was refused earlier).
+    fn check_mic(&self, blob: &Blob, session_base_key: &[u8; 16]) -> Result<bool, NtlmError> {
+        if blob.msv_av_flags & MSV_AV_FLAG_MIC_PRESENT == 0 {
+            return Ok(false);
+        }
+        // KeyExchangeKey = SessionBaseKey for NTLMv2. curl echoes KEY_EXCH
+        // but sends no key; then the exported key is the exchange key.
+        let mut exported = *session_base_key;
+        if self.flags & flags::NEGOTIATE_KEY_EXCH != 0 {
+            if let Some(encrypted) = self.encrypted_session_key {
+                exported = encrypted;
+                crypto::rc4(session_base_key, &mut exported);
+            }
+        }
+        let on_wire = self
+            .mic
+            .ok_or(NtlmError::Malformed("MIC flagged but no MIC field"))?;
+        let expected = crypto::mic(
+            &exported,
+            &self.challenged.negotiate,
+            &self.challenged.challenge,
+            &self.raw,
+        )
+        .ok_or(NtlmError::Malformed("MIC flagged but no MIC field"))?;
+        if !bool::from(expected.ct_eq(&on_wire)) {
+            return Err(NtlmError::MicInvalid);
+        }
+        Ok(true)
     }
 
     /// Finds the account the client names, or `None`.
@@ -228,14 +551,14 @@ impl ServerHandshake {
     /// name (`alice@demo.test`, as Windows sends it), the UPN suffix. Our DNS
     /// domain is an alias for the NetBIOS one. The store is asked by domain,
     /// so an account in another domain is simply not found.
-    fn lookup(&self, store: &dyn CredentialStore, domain: &str, user: &str) -> Option<Account> {
+    fn lookup(&self, store: &dyn CredentialStore) -> Option<Account> {
         let cfg = &self.config;
-        let (domain, user) = match (domain.is_empty(), user.rsplit_once('@')) {
+        let (domain, user) = match (self.domain.is_empty(), self.user.rsplit_once('@')) {
             (true, Some((local, suffix))) if !local.is_empty() && !suffix.is_empty() => {
                 (suffix, local)
             }
-            (true, _) => (cfg.netbios_domain.as_str(), user),
-            (false, _) => (domain, user),
+            (true, _) => (cfg.netbios_domain.as_str(), self.user.as_str()),
+            (false, _) => (self.domain.as_str(), self.user.as_str()),
         };
         let domain = if eq_fold(domain, &cfg.dns_domain) {
             cfg.netbios_domain.as_str()
@@ -255,36 +578,17 @@ fn eq_fold(a: &str, b: &str) -> bool {
 /// RespType, HiRespType, reserved, timestamp, client challenge, reserved.
 const BLOB_HEADER_LEN: usize = 28;
 
-/// What passed the proof check, before replay and account-state checks.
-struct Verified {
-    account: Account,
-    version: NtlmVersion,
-    session_base_key: [u8; 16],
-    mic_verified: bool,
-    channel_bound: bool,
-    replay_key: ReplayKey,
-}
-
-struct Attempt<'a> {
-    hs: &'a ServerHandshake,
-    challenged: &'a Challenged,
-    msg: &'a AuthenticateMessage<'a>,
-    raw: &'a [u8],
-    user: &'a str,
-    domain: &'a str,
-}
-
 /// The fields of an NTLMv2 client blob that verification needs.
-struct Blob<'a> {
+struct Blob {
     timestamp: u64,
     /// AV pairs including EOL.
-    av_pairs: &'a [u8],
+    av_pairs: Vec<u8>,
     msv_av_flags: u32,
     channel_bindings: Option<[u8; 16]>,
 }
 
-impl<'a> Blob<'a> {
-    fn parse(temp: &'a [u8]) -> Result<Self, NtlmError> {
+impl Blob {
+    fn parse(temp: &[u8]) -> Result<Self, NtlmError> {
         if temp.first() != Some(&1) || temp.get(1) != Some(&1) {
             return Err(NtlmError::Malformed("unknown NTLMv2 response type"));
         }
@@ -306,175 +610,22 @@ impl<'a> Blob<'a> {
         })?;
         Ok(Self {
             timestamp,
-            av_pairs: &av_pairs[..used],
+            av_pairs: av_pairs[..used].to_vec(),
             msv_av_flags,
             channel_bindings,
         })
     }
 
-    fn find(&self, want: u16) -> Option<&'a [u8]> {
+    fn find(&self, want: u16) -> Option<&[u8]> {
         let mut found = None;
         // Already validated in `parse`, so the walk cannot fail.
-        let _ = walk_av_pairs(self.av_pairs, |id, value| {
+        let _ = walk_av_pairs(&self.av_pairs, |id, value| {
             if id == want {
                 found = Some(value);
             }
             Ok(())
         });
         found
-    }
-}
-
-impl Attempt<'_> {
-    fn server_challenge(&self) -> &[u8; 8] {
-        &self.hs.server_challenge
-    }
-
-    fn verify_v2(
-        &self,
-        store: &dyn CredentialStore,
-        channel_binding: Option<&[u8]>,
-    ) -> Result<Verified, NtlmError> {
-        let cfg = &self.hs.config;
-        let (proof_on_wire, temp) = self.msg.nt_response.split_at(16);
-        let blob = Blob::parse(temp)?;
-
-        let account = self.hs.lookup(store, self.domain, self.user);
-        let nt_hash = account.as_ref().map_or(&DUMMY_NT_HASH, |a| &a.nt_hash);
-        // The user and domain exactly as sent: that is what the client hashed.
-        let response_key = crypto::ntowfv2(nt_hash, self.user, self.domain);
-        let proof = crypto::nt_proof_str(&response_key, self.server_challenge(), temp);
-        let proof_ok: bool = proof[..].ct_eq(proof_on_wire).into();
-        let account = match account {
-            Some(a) if proof_ok => a,
-            _ => return Err(NtlmError::BadCredentials),
-        };
-
-        // The blob is covered by the proof, so from here on its contents are
-        // what the password holder sent.
-        let sent = &self.challenged.challenge[self.challenged.target_info.clone()];
-        walk_av_pairs(sent, |id, value| match id {
-            av_id::NB_DOMAIN_NAME
-            | av_id::NB_COMPUTER_NAME
-            | av_id::DNS_DOMAIN_NAME
-            | av_id::DNS_COMPUTER_NAME
-            | av_id::DNS_TREE_NAME
-            | av_id::TIMESTAMP
-                if blob.find(id) != Some(value) =>
-            {
-                Err(NtlmError::TargetInfoMismatch)
-            }
-            _ => Ok(()),
-        })?;
-
-        let now = filetime(self.hs.clock.now());
-        if filetime_distance(now, blob.timestamp) > cfg.timestamp_window
-            || filetime_distance(now, self.challenged.issued) > cfg.timestamp_window
-        {
-            return Err(NtlmError::TimestampOutOfWindow);
-        }
-
-        let session_base_key = crypto::session_base_key_v2(&response_key, &proof);
-        // KeyExchangeKey = SessionBaseKey for NTLMv2. curl echoes KEY_EXCH
-        // but sends no key; then the exported key is the exchange key.
-        let mut exported = session_base_key;
-        if self.msg.flags & flags::NEGOTIATE_KEY_EXCH != 0 {
-            if let Ok(encrypted) = <[u8; 16]>::try_from(self.msg.encrypted_random_session_key) {
-                exported = encrypted;
-                crypto::rc4(&session_base_key, &mut exported);
-            }
-        }
-
-        let mic_verified = if blob.msv_av_flags & MSV_AV_FLAG_MIC_PRESENT != 0 {
-            let on_wire = self
-                .msg
-                .mic
-                .ok_or(NtlmError::Malformed("MIC flagged but no MIC field"))?;
-            let expected = crypto::mic(
-                &exported,
-                &self.challenged.negotiate,
-                &self.challenged.challenge,
-                self.raw,
-            )
-            .ok_or(NtlmError::Malformed("MIC flagged but no MIC field"))?;
-            if !bool::from(expected.ct_eq(&on_wire)) {
-                return Err(NtlmError::MicInvalid);
-            }
-            true
-        } else if cfg.require_mic {
-            return Err(NtlmError::MicRequired);
-        } else {
-            false
-        };
-
-        let channel_bound =
-            check_channel_binding(cfg.channel_binding, blob.channel_bindings, channel_binding)?;
-
-        Ok(Verified {
-            account,
-            version: NtlmVersion::V2,
-            session_base_key,
-            mic_verified,
-            channel_bound,
-            replay_key: ReplayKey::new(&proof),
-        })
-    }
-
-    fn verify_v1(&self, store: &dyn CredentialStore) -> Result<Verified, NtlmError> {
-        let cfg = &self.hs.config;
-        if !cfg.allow_ntlmv1 {
-            return Err(NtlmError::NtlmV1Refused);
-        }
-        let nt: &[u8; 24] = self
-            .msg
-            .nt_response
-            .try_into()
-            .map_err(|_| NtlmError::Malformed("NT response has an invalid length"))?;
-        // NTLMv1-ESS puts the client challenge in the LM field, zero-padded.
-        // Checking the padding too (as Samba does) keeps a plain-v1 client
-        // that merely echoes our ESS flag working.
-        let ess_challenge = match self.msg.lm_response {
-            lm if self.msg.flags & flags::NEGOTIATE_EXTENDED_SESSIONSECURITY != 0
-                && lm.len() == 24
-                && lm[8..].iter().all(|&b| b == 0) =>
-            {
-                let mut cc = [0u8; 8];
-                cc.copy_from_slice(&lm[..8]);
-                Some(cc)
-            }
-            _ => None,
-        };
-
-        let account = self.hs.lookup(store, self.domain, self.user);
-        let nt_hash = account.as_ref().map_or(&DUMMY_NT_HASH, |a| &a.nt_hash);
-        let expected = match &ess_challenge {
-            Some(cc) => crypto::ntlmv1_ess_response(nt_hash, self.server_challenge(), cc),
-            None => crypto::ntlmv1_response(nt_hash, self.server_challenge()),
-        };
-        let ok: bool = expected.ct_eq(nt).into();
-        let account = match account {
-            Some(a) if ok => a,
-            _ => return Err(NtlmError::BadCredentials),
-        };
-        // NTLMv1 has no AV pairs, so neither a MIC nor a channel binding.
-        if cfg.require_mic {
-            return Err(NtlmError::MicRequired);
-        }
-        if cfg.channel_binding == ChannelBindingMode::Required {
-            return Err(NtlmError::ChannelBindingRequired);
-        }
-        Ok(Verified {
-            session_base_key: crypto::session_base_key_v1(&account.nt_hash),
-            account,
-            version: if ess_challenge.is_some() {
-                NtlmVersion::V1Ess
-            } else {
-                NtlmVersion::V1
-            },
-            mic_verified: false,
-            channel_bound: false,
-            replay_key: ReplayKey::new(nt),
-        })
     }
 }
 

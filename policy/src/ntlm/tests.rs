@@ -1152,3 +1152,390 @@ fn debug_output_hides_secrets() {
     assert!(!dbg.contains(PASSWORD));
     assert!(!dbg.contains(&format!("{:?}", ok.session_base_key)));
 }
+
+// --- split verification: a domain controller checks the proof ---------------
+
+/// What a domain controller does with a pass-through request (Samba's
+/// `ntlm_auth --helper-protocol=ntlm-server-1`, netlogon): checks the proof
+/// for exactly these user, domain, challenge and NT response against the
+/// password it holds and returns the SessionBaseKey.
+fn dc_verify(
+    user: &str,
+    domain: &str,
+    challenge: [u8; 8],
+    nt: &[u8],
+    password: &str,
+) -> Option<[u8; 16]> {
+    let h = nt_hash(password);
+    if nt.len() == 24 {
+        let ok = crypto::ntlmv1_response(&h, &challenge)[..] == *nt;
+        return ok.then(|| crypto::session_base_key_v1(&h));
+    }
+    let key = crypto::ntowfv2(&h, user, domain);
+    let proof = crypto::nt_proof_str(&key, &challenge, &nt[16..]);
+    (proof[..] == nt[..16]).then(|| crypto::session_base_key_v2(&key, &proof))
+}
+
+/// Alice as a directory describes her (not the users file's groups).
+fn directory_alice() -> Account {
+    Account {
+        user: "alice".into(),
+        domain: "DEMO".into(),
+        nt_hash: [0; 16],
+        groups: vec!["from-directory".into()],
+        enabled: true,
+        mail: vec!["alice@demo.test".into()],
+    }
+}
+
+impl Fixture {
+    /// The gateway's AD path: begin, ask the "DC" (which knows alice's
+    /// password as `PASSWORD`), finish with its key.
+    fn finish_via_dc(
+        &self,
+        server: ServerHandshake,
+        t3: &[u8],
+        cb: Option<&[u8]>,
+    ) -> Result<Authenticated, NtlmError> {
+        let pending = server.begin_authenticate(t3)?;
+        let key = dc_verify(
+            pending.user(),
+            pending.domain(),
+            pending.external_challenge(),
+            pending.nt_response(),
+            PASSWORD,
+        )
+        .ok_or(NtlmError::BadCredentials)?;
+        pending.finish_external(directory_alice(), key, &self.replay, cb)
+    }
+}
+
+#[test]
+fn begin_authenticate_exposes_what_a_dc_needs() {
+    let fx = Fixture::new();
+    let mut c = alice();
+    let (server, t3) = fx.exchange(&mut c, Some(*b"dc-chall"));
+    let p = server.begin_authenticate(&t3).unwrap();
+    assert_eq!(
+        (p.user(), p.domain(), p.workstation()),
+        ("alice", "DEMO", "WS01")
+    );
+    assert_eq!(p.server_challenge(), *b"dc-chall");
+    assert_eq!(p.external_challenge(), *b"dc-chall");
+    assert_eq!(p.version(), NtlmVersion::V2);
+    let nt_off = nt_offset(&t3);
+    assert_eq!(p.nt_response(), &t3[nt_off..nt_off + p.nt_response().len()]);
+    assert!(p.nt_response().len() > 24);
+    // Windows-style: Z(24) as the LM response when the server sent a timestamp.
+    assert_eq!(p.lm_response(), &[0u8; 24][..]);
+    let dbg = format!("{p:?}");
+    assert!(dbg.contains("alice") && !dbg.contains(&format!("{:?}", p.nt_response())));
+}
+
+#[test]
+fn finish_external_with_the_dc_key_authenticates_with_directory_data() {
+    let fx = Fixture::new();
+    let mut c = alice();
+    let (server, t3) = fx.exchange(&mut c, None);
+    let ok = fx.finish_via_dc(server, &t3, None).unwrap();
+    assert_eq!(ok.account, directory_alice());
+    assert_eq!(ok.version, NtlmVersion::V2);
+    assert!(ok.mic_verified, "the DC's key verifies the MIC");
+    assert_eq!(ok.workstation, "WS01");
+    let nt = &t3[nt_offset(&t3)..];
+    let proof: [u8; 16] = nt[..16].try_into().unwrap();
+    let key = crypto::ntowfv2(&nt_hash(PASSWORD), "alice", "DEMO");
+    assert_eq!(
+        ok.session_base_key,
+        crypto::session_base_key_v2(&key, &proof)
+    );
+}
+
+#[test]
+fn finish_external_with_a_wrong_key_fails_the_mic() {
+    let fx = Fixture::new();
+    for key_exchange in [true, false] {
+        let mut c = alice().with_options(opts(|o| o.key_exchange = key_exchange));
+        let (server, t3) = fx.exchange(&mut c, None);
+        let pending = server.begin_authenticate(&t3).unwrap();
+        let err = pending
+            .finish_external(directory_alice(), [0x11; 16], &fx.replay, None)
+            .unwrap_err();
+        assert_eq!(err, NtlmError::MicInvalid, "key exchange {key_exchange}");
+    }
+}
+
+#[test]
+fn external_and_local_verification_refuse_the_same_things() {
+    #[allow(clippy::ptr_arg)]
+    fn change_domain(p: &mut Vec<AvPair>) {
+        for pair in p.iter_mut() {
+            if pair.id == av_id::NB_DOMAIN_NAME {
+                *pair = AvPair::name(av_id::NB_DOMAIN_NAME, "EVIL");
+            }
+        }
+    }
+    fn drop_timestamp(p: &mut Vec<AvPair>) {
+        p.retain(|pair| pair.id != av_id::TIMESTAMP);
+    }
+    const OTHER: &[u8] = &[0x24; 32];
+    type Edit = fn(&mut NtlmConfig);
+    struct Case {
+        what: &'static str,
+        config: Edit,
+        client: fn() -> ClientHandshake,
+        /// Seconds the server clock moves between CHALLENGE and AUTHENTICATE.
+        delay: u64,
+        tls: Option<&'static [u8]>,
+        want: Result<(bool, bool), NtlmError>,
+    }
+    let none: Edit = |_| {};
+    let cases = [
+        Case {
+            what: "honest, MIC",
+            config: none,
+            client: alice,
+            delay: 0,
+            tls: None,
+            want: Ok((true, false)),
+        },
+        Case {
+            what: "curl-like, no MIC",
+            config: none,
+            client: || {
+                alice().with_options(opts(|o| {
+                    o.mic = false;
+                    o.key_exchange = false;
+                }))
+            },
+            delay: 0,
+            tls: None,
+            want: Ok((false, false)),
+        },
+        Case {
+            what: "bound to our certificate",
+            config: |c| c.channel_binding = ChannelBindingMode::Required,
+            client: || alice().with_options(opts(|o| o.channel_binding = Some(CERT_HASH.to_vec()))),
+            delay: 0,
+            tls: Some(&CERT_HASH),
+            want: Ok((true, true)),
+        },
+        Case {
+            what: "target info altered",
+            config: none,
+            client: || alice().with_options(opts(|o| o.edit_av_pairs = Some(change_domain))),
+            delay: 0,
+            tls: None,
+            want: Err(NtlmError::TargetInfoMismatch),
+        },
+        Case {
+            what: "timestamp dropped",
+            config: none,
+            client: || alice().with_options(opts(|o| o.edit_av_pairs = Some(drop_timestamp))),
+            delay: 0,
+            tls: None,
+            want: Err(NtlmError::TargetInfoMismatch),
+        },
+        Case {
+            what: "answer too late",
+            config: none,
+            client: alice,
+            delay: NtlmConfig::DEFAULT_TIMESTAMP_WINDOW.as_secs() + 1,
+            tls: None,
+            want: Err(NtlmError::TimestampOutOfWindow),
+        },
+        Case {
+            what: "corrupted MIC",
+            config: none,
+            client: || alice().with_options(opts(|o| o.corrupt_mic = true)),
+            delay: 0,
+            tls: None,
+            want: Err(NtlmError::MicInvalid),
+        },
+        Case {
+            what: "bound to another TLS session",
+            config: none,
+            client: || alice().with_options(opts(|o| o.channel_binding = Some(OTHER.to_vec()))),
+            delay: 0,
+            tls: Some(&CERT_HASH),
+            want: Err(NtlmError::ChannelBindingMismatch),
+        },
+        Case {
+            what: "binding required, none sent",
+            config: |c| c.channel_binding = ChannelBindingMode::Required,
+            client: alice,
+            delay: 0,
+            tls: Some(&CERT_HASH),
+            want: Err(NtlmError::ChannelBindingRequired),
+        },
+        Case {
+            what: "MIC required, none sent",
+            config: |c| c.require_mic = true,
+            client: || alice().with_options(opts(|o| o.mic = false)),
+            delay: 0,
+            tls: None,
+            want: Err(NtlmError::MicRequired),
+        },
+        Case {
+            what: "wrong password",
+            config: none,
+            client: || client("DEMO", "alice", "wrong"),
+            delay: 0,
+            tls: None,
+            want: Err(NtlmError::BadCredentials),
+        },
+    ];
+    for case in cases {
+        for external in [false, true] {
+            let fx = Fixture::with_config(case.config);
+            let mut c = (case.client)();
+            let (server, t3) = fx.exchange(&mut c, None);
+            fx.clock.advance(Duration::from_secs(case.delay));
+            let got = if external {
+                fx.finish_via_dc(server, &t3, case.tls)
+            } else {
+                fx.finish(server, &t3, case.tls)
+            };
+            assert_eq!(
+                got.map(|a| (a.mic_verified, a.channel_bound)),
+                case.want,
+                "{} ({})",
+                case.what,
+                if external { "external" } else { "local" }
+            );
+        }
+    }
+}
+
+#[test]
+fn a_response_accepted_on_one_path_is_a_replay_on_the_other() {
+    let fx = Fixture::new();
+    let challenge = *b"replayed";
+    let mut c = alice();
+    let negotiate = c.negotiate();
+    let mut first = fx.server(Some(challenge));
+    let t2 = first.challenge(&negotiate).unwrap();
+    let t3 = c.authenticate(&t2).unwrap();
+    let again = || {
+        let mut s = fx.server(Some(challenge));
+        s.challenge(&negotiate).unwrap();
+        s
+    };
+    fx.finish(first, &t3, None).unwrap();
+    assert_eq!(
+        fx.finish_via_dc(again(), &t3, None).unwrap_err(),
+        NtlmError::Replay
+    );
+
+    let fx = Fixture::new();
+    let mut s = fx.server(Some(challenge));
+    s.challenge(&negotiate).unwrap();
+    fx.finish_via_dc(s, &t3, None).unwrap();
+    let mut s = fx.server(Some(challenge));
+    s.challenge(&negotiate).unwrap();
+    assert_eq!(fx.finish(s, &t3, None).unwrap_err(), NtlmError::Replay);
+    let mut s = fx.server(Some(challenge));
+    s.challenge(&negotiate).unwrap();
+    assert_eq!(
+        fx.finish_via_dc(s, &t3, None).unwrap_err(),
+        NtlmError::Replay
+    );
+}
+
+#[test]
+fn finish_external_refuses_a_disabled_directory_account() {
+    let fx = Fixture::new();
+    let mut c = alice();
+    let (server, t3) = fx.exchange(&mut c, None);
+    let pending = server.begin_authenticate(&t3).unwrap();
+    let key = dc_verify(
+        "alice",
+        "DEMO",
+        pending.server_challenge(),
+        pending.nt_response(),
+        PASSWORD,
+    )
+    .unwrap();
+    let disabled = Account {
+        enabled: false,
+        ..directory_alice()
+    };
+    assert_eq!(
+        pending
+            .finish_external(disabled, key, &fx.replay, None)
+            .unwrap_err(),
+        NtlmError::AccountDisabled
+    );
+}
+
+#[test]
+fn begin_authenticate_refuses_by_policy_before_any_proof() {
+    // These must never reach a domain controller: they are refused whatever
+    // the password, so a wrong one gives the policy error, not BadCredentials.
+    let fx = Fixture::with_config(|c| c.require_mic = true);
+    let mut c = client("DEMO", "alice", "wrong").with_options(opts(|o| o.mic = false));
+    let (server, t3) = fx.exchange(&mut c, None);
+    assert_eq!(
+        server.begin_authenticate(&t3).unwrap_err(),
+        NtlmError::MicRequired
+    );
+    let fx = Fixture::new();
+    for (mode, want) in [
+        (ClientMode::NtlmV1, NtlmError::NtlmV1Refused),
+        (ClientMode::NtlmV1Ess, NtlmError::NtlmV1Refused),
+        (ClientMode::LmOnly, NtlmError::LmRefused),
+        (ClientMode::Anonymous, NtlmError::Anonymous),
+    ] {
+        let mut c = client("DEMO", "alice", "wrong").with_options(opts(|o| o.mode = mode));
+        let (server, t3) = fx.exchange(&mut c, None);
+        assert_eq!(
+            server.begin_authenticate(&t3).unwrap_err(),
+            want,
+            "{mode:?}"
+        );
+    }
+    let fx = Fixture::with_config(|c| {
+        c.allow_ntlmv1 = true;
+        c.channel_binding = ChannelBindingMode::Required;
+    });
+    let mut c =
+        client("DEMO", "alice", "wrong").with_options(opts(|o| o.mode = ClientMode::NtlmV1));
+    let (server, t3) = fx.exchange(&mut c, None);
+    assert_eq!(
+        server.begin_authenticate(&t3).unwrap_err(),
+        NtlmError::ChannelBindingRequired
+    );
+}
+
+#[test]
+fn a_dc_verifies_ntlmv1_against_the_external_challenge() {
+    let fx = Fixture::with_config(|c| c.allow_ntlmv1 = true);
+    for (mode, want) in [
+        (ClientMode::NtlmV1, NtlmVersion::V1),
+        (ClientMode::NtlmV1Ess, NtlmVersion::V1Ess),
+    ] {
+        let mut c = alice().with_options(opts(|o| o.mode = mode));
+        let (server, t3) = fx.exchange(&mut c, None);
+        let pending = server.begin_authenticate(&t3).unwrap();
+        assert_eq!(pending.version(), want);
+        if want == NtlmVersion::V1 {
+            assert_eq!(pending.external_challenge(), pending.server_challenge());
+        } else {
+            assert_ne!(pending.external_challenge(), pending.server_challenge());
+        }
+        // A DC that knows nothing of ESS checks a plain v1 response.
+        let key = dc_verify(
+            "alice",
+            "DEMO",
+            pending.external_challenge(),
+            pending.nt_response(),
+            PASSWORD,
+        )
+        .expect("the DC accepts the response");
+        let ok = pending
+            .finish_external(directory_alice(), key, &fx.replay, None)
+            .unwrap();
+        assert_eq!(ok.version, want);
+        assert!(!ok.mic_verified);
+    }
+}

@@ -438,7 +438,9 @@ impl Config {
             fix(ca);
         }
         if let Some(auth) = &mut self.auth {
-            fix(&mut auth.users_file);
+            if let Some(u) = &mut auth.users_file {
+                fix(u);
+            }
         }
     }
 
@@ -566,6 +568,13 @@ impl Config {
                     format!("auth.ntlm.{}", e.field),
                     e.field,
                     e.reason.to_string(),
+                ));
+            }
+            if auth.users_file.is_some() == auth.active_directory.is_some() {
+                return Err(err(
+                    "auth".into(),
+                    "auth:",
+                    "set exactly one identity source: `users_file` or `active_directory`".into(),
                 ));
             }
             let lockout = &auth.lockout;

@@ -105,7 +105,7 @@ pub fn demo_config(
     config.listeners[0].address = opts.smtp;
     config.backend.servers = vec![backend.to_string().parse().map_err(anyhow::Error::msg)?];
     if let Some(auth) = &mut config.auth {
-        auth.users_file = dir.join("demo-users.yaml");
+        auth.users_file = Some(dir.join("demo-users.yaml"));
     }
     if let Some(tls) = &mut config.tls {
         tls.certificate = dir.join("demo-cert.pem");

@@ -31,7 +31,13 @@ pub struct AuthConfig {
     pub mechanisms: Vec<Mechanism>,
     pub ntlm: NtlmSettings,
     /// YAML file of accounts with NT hashes (see `relayguard hash-password`).
-    pub users_file: PathBuf,
+    /// Exactly one of `users_file` and `active_directory` is set.
+    #[serde(default)]
+    pub users_file: Option<PathBuf>,
+    /// Pass-through verification with a domain controller through Samba's
+    /// winbind (`ntlm_auth`), groups and addresses from LDAP.
+    #[serde(default)]
+    pub active_directory: Option<ad::AdConfig>,
     #[serde(default)]
     pub lockout: LockoutConfig,
 }
@@ -208,6 +214,10 @@ pub enum AuthFailure {
     /// Too many failures from this address: `454 4.7.0`.
     #[error("client address locked out")]
     ClientLockedOut,
+    /// The identity source could not decide (directory down, timeout):
+    /// `454 4.7.0`, the client retries; never counted against it.
+    #[error("temporary failure: {0}")]
+    Temporary(&'static str),
 }
 
 impl AuthFailure {
@@ -217,6 +227,7 @@ impl AuthFailure {
             AuthFailure::Refused(l) => l,
             AuthFailure::LockedOut => "locked_out",
             AuthFailure::ClientLockedOut => "client_locked_out",
+            AuthFailure::Temporary(l) => l,
         }
     }
 }
@@ -231,6 +242,17 @@ impl From<NtlmError> for AuthFailure {
     }
 }
 
+/// A directory answer as an AUTH outcome: the client's fault is a refusal
+/// like any other, the directory's is a temporary failure.
+fn directory_failure(e: &ad::AdError) -> AuthFailure {
+    if e.is_client_fault() {
+        AuthFailure::Refused(e.metric_label())
+    } else {
+        tracing::error!(error = %e, "identity source unavailable");
+        AuthFailure::Temporary(e.metric_label())
+    }
+}
+
 /// The users file in force, reloaded when it changes on disk.
 struct UsersSource {
     path: PathBuf,
@@ -242,13 +264,19 @@ fn mtime(path: &Path) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
+/// Where accounts come from.
+enum Source {
+    Users(UsersSource),
+    Directory(Arc<ad::ActiveDirectory>),
+}
+
 /// Verifies credentials and keeps the brute-force counters.
 pub struct Authenticator {
     config: AuthConfig,
     ntlm: NtlmConfig,
     clock: Arc<dyn Clock>,
     replay: ReplayCache,
-    users: UsersSource,
+    source: Source,
     client_failures: moka::sync::Cache<IpAddr, u32>,
     account_failures: moka::sync::Cache<(String, IpAddr), u32>,
 }
@@ -256,7 +284,7 @@ pub struct Authenticator {
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Authenticator")
-            .field("users_file", &self.users.path)
+            .field("users_file", &self.config.users_file)
             .finish()
     }
 }
@@ -270,6 +298,10 @@ pub enum AuthSetupError {
         field: &'static str,
         reason: &'static str,
     },
+    #[error(transparent)]
+    Directory(ad::AdError),
+    #[error("auth: set exactly one of `users_file` and `active_directory`")]
+    NoSource,
 }
 
 impl Authenticator {
@@ -279,17 +311,23 @@ impl Authenticator {
             field: e.field,
             reason: e.reason,
         })?;
-        let users = UsersFile::load(&config.users_file)?;
+        let source = match (&config.users_file, &config.active_directory) {
+            (Some(path), None) => Source::Users(UsersSource {
+                current: ArcSwap::from_pointee(UsersFile::load(path)?),
+                loaded_at: ArcSwap::from_pointee(mtime(path)),
+                path: path.clone(),
+            }),
+            (None, Some(ad)) => {
+                Source::Directory(ad::ActiveDirectory::new(ad).map_err(AuthSetupError::Directory)?)
+            }
+            _ => return Err(AuthSetupError::NoSource),
+        };
         let window = config.lockout.window.max(Duration::from_secs(1));
         Ok(Arc::new(Authenticator {
             replay: ReplayCache::for_config(&ntlm),
             ntlm,
             clock: Arc::new(SystemClock),
-            users: UsersSource {
-                loaded_at: ArcSwap::from_pointee(mtime(&config.users_file)),
-                path: config.users_file.clone(),
-                current: ArcSwap::from_pointee(users),
-            },
+            source,
             client_failures: moka::sync::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(window)
@@ -309,14 +347,33 @@ impl Authenticator {
     /// Reloads the users file if it changed; a broken file is refused and
     /// the accounts in force stay.
     pub fn reload_users(&self, force: bool) -> Result<bool, policy::identity::IdentityError> {
-        let m = mtime(&self.users.path);
-        if !force && m == **self.users.loaded_at.load() {
+        let Source::Users(users) = &self.source else {
+            return Ok(false);
+        };
+        let m = mtime(&users.path);
+        if !force && m == **users.loaded_at.load() {
             return Ok(false);
         }
-        let users = UsersFile::load(&self.users.path)?;
-        self.users.current.store(Arc::new(users));
-        self.users.loaded_at.store(Arc::new(m));
+        let file = UsersFile::load(&users.path)?;
+        users.current.store(Arc::new(file));
+        users.loaded_at.store(Arc::new(m));
         Ok(true)
+    }
+
+    /// The users file in force (for `check` and the policy's name checks).
+    pub fn users_file(&self) -> Option<Arc<UsersFile>> {
+        match &self.source {
+            Source::Users(u) => Some(u.current.load_full()),
+            Source::Directory(_) => None,
+        }
+    }
+
+    /// The directory, when that is the identity source (readiness probes).
+    pub fn directory(&self) -> Option<&Arc<ad::ActiveDirectory>> {
+        match &self.source {
+            Source::Directory(d) => Some(d),
+            Source::Users(_) => None,
+        }
     }
 
     /// Polls the users file for changes.
@@ -330,7 +387,7 @@ impl Authenticator {
                 let Some(auth) = weak.upgrade() else { return };
                 match auth.reload_users(false) {
                     Ok(true) => {
-                        tracing::info!(users_file = %auth.users.path.display(), "users file reloaded")
+                        tracing::info!("users file reloaded")
                     }
                     Ok(false) => {}
                     Err(e) => {
@@ -383,7 +440,7 @@ impl Authenticator {
     }
 
     /// Verifies an NTLM AUTHENTICATE message.
-    pub fn verify_ntlm(
+    pub async fn verify_ntlm(
         &self,
         handshake: ServerHandshake,
         message: &[u8],
@@ -401,8 +458,40 @@ impl Authenticator {
                 return Err((AuthFailure::LockedOut, claimed));
             }
         }
-        let users = self.users.current.load();
-        match handshake.authenticate(message, users.as_ref(), &self.replay, channel_binding) {
+        let pending = match handshake.begin_authenticate(message) {
+            Ok(p) => p,
+            Err(e) => return Err((e.into(), claimed)),
+        };
+        let verified = match &self.source {
+            Source::Users(users) => {
+                let users = users.current.load();
+                pending.verify_local(users.as_ref(), &self.replay, channel_binding)
+            }
+            Source::Directory(dir) => {
+                let key = dir
+                    .verify_ntlm(
+                        pending.user(),
+                        pending.domain(),
+                        pending.external_challenge(),
+                        pending.lm_response(),
+                        pending.nt_response(),
+                    )
+                    .await;
+                let key = match key {
+                    Ok(k) => k,
+                    Err(e) => return Err((directory_failure(&e), claimed)),
+                };
+                let account = match self
+                    .directory_account(dir, pending.user(), pending.domain())
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => return Err((directory_failure(&e), claimed)),
+                };
+                pending.finish_external(account, key, &self.replay, channel_binding)
+            }
+        };
+        match verified {
             Ok(ok) => {
                 let weak = match ok.version {
                     policy::ntlm::NtlmVersion::V2 => None,
@@ -418,10 +507,44 @@ impl Authenticator {
         }
     }
 
-    /// Verifies a password (PLAIN, LOGIN) against the NT hash on file.
-    /// Unknown users are checked against a dummy hash so the work, and so
-    /// the timing, is the same.
-    pub fn verify_password(
+    /// Who the directory says `user` is. Without LDAP the account has no
+    /// groups or addresses (rules can then only name users).
+    async fn directory_account(
+        &self,
+        dir: &ad::ActiveDirectory,
+        user: &str,
+        domain: &str,
+    ) -> Result<Account, ad::AdError> {
+        let domain = if domain.is_empty() || domain.eq_ignore_ascii_case(&self.ntlm.dns_domain) {
+            self.ntlm.netbios_domain.clone()
+        } else {
+            domain.to_string()
+        };
+        let (name, groups, mail, enabled) = match dir.entry(user).await {
+            Ok(e) => (
+                e.account_name.clone(),
+                e.groups.clone(),
+                e.addresses.clone(),
+                e.enabled,
+            ),
+            // No LDAP configured: the DC's word on the password is all we have.
+            Err(ad::AdError::Config(_)) => (user.to_string(), Vec::new(), Vec::new(), true),
+            Err(e) => return Err(e),
+        };
+        Ok(Account {
+            user: name,
+            domain,
+            nt_hash: [0; 16],
+            groups,
+            enabled,
+            mail,
+        })
+    }
+
+    /// Verifies a password (PLAIN, LOGIN) against the identity source.
+    /// With a users file, unknown users are checked against a dummy hash so
+    /// the work, and so the timing, is the same.
+    pub async fn verify_password(
         &self,
         login: &str,
         password: &str,
@@ -439,7 +562,19 @@ impl Authenticator {
         if self.account_locked(&domain, &user, ip) {
             return Err((AuthFailure::LockedOut, claimed));
         }
-        let users = self.users.current.load();
+        let users = match &self.source {
+            Source::Users(u) => u.current.load_full(),
+            Source::Directory(dir) => {
+                if let Err(e) = dir.verify_password(&user, &domain, password).await {
+                    return Err((directory_failure(&e), claimed));
+                }
+                return match self.directory_account(dir, &user, &domain).await {
+                    Ok(a) if a.enabled => Ok(Principal::from_account(a, mechanism, None)),
+                    Ok(_) => Err((AuthFailure::Refused("account_disabled"), claimed)),
+                    Err(e) => Err((directory_failure(&e), claimed)),
+                };
+            }
+        };
         let account = users.lookup(&domain, &user);
         let expected = account.as_ref().map(|a| a.nt_hash).unwrap_or([0x5a; 16]);
         let given = policy::identity::nt_hash(password);

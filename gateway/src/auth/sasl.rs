@@ -56,7 +56,7 @@ fn fail(e: AuthFailure) -> Progress {
 }
 
 /// Starts an exchange for `AUTH <mechanism> [initial-response]`.
-pub fn start(
+pub async fn start(
     auth: &Authenticator,
     mechanism: Mechanism,
     initial: Option<&str>,
@@ -68,22 +68,23 @@ pub fn start(
             Exchange::NtlmNegotiate(auth.ntlm_handshake()),
             "NTLM supported".into(),
         ),
-        (Mechanism::Ntlm, Some(i)) => step(
-            auth,
-            Exchange::NtlmNegotiate(auth.ntlm_handshake()),
-            i,
-            ip,
-            channel_binding,
-        ),
+        (Mechanism::Ntlm, Some(i)) => {
+            let exchange = Exchange::NtlmNegotiate(auth.ntlm_handshake());
+            Box::pin(step(auth, exchange, i, ip, channel_binding)).await
+        }
         (Mechanism::Plain, None) => Progress::Continue(Exchange::Plain, String::new()),
-        (Mechanism::Plain, Some(i)) => step(auth, Exchange::Plain, i, ip, channel_binding),
+        (Mechanism::Plain, Some(i)) => {
+            Box::pin(step(auth, Exchange::Plain, i, ip, channel_binding)).await
+        }
         (Mechanism::Login, None) => Progress::Continue(Exchange::LoginUser, LOGIN_USER.into()),
-        (Mechanism::Login, Some(i)) => step(auth, Exchange::LoginUser, i, ip, channel_binding),
+        (Mechanism::Login, Some(i)) => {
+            Box::pin(step(auth, Exchange::LoginUser, i, ip, channel_binding)).await
+        }
     }
 }
 
 /// Feeds one client line (already known not to be `*`) to the exchange.
-pub fn step(
+pub async fn step(
     auth: &Authenticator,
     exchange: Exchange,
     line: &str,
@@ -102,7 +103,7 @@ pub fn step(
             Err(e) => fail(e.into()),
         },
         Exchange::NtlmAuthenticate(hs) => {
-            Progress::Finished(auth.verify_ntlm(hs, &bytes, ip, channel_binding))
+            Progress::Finished(auth.verify_ntlm(hs, &bytes, ip, channel_binding).await)
         }
         Exchange::Plain => {
             // authzid NUL authcid NUL passwd (RFC 4616).
@@ -123,16 +124,20 @@ pub fn step(
             if !authzid.is_empty() && authzid != authcid {
                 return fail(AuthFailure::Refused("authzid_refused"));
             }
-            Progress::Finished(auth.verify_password(authcid, password, Mechanism::Plain, ip))
+            Progress::Finished(
+                auth.verify_password(authcid, password, Mechanism::Plain, ip)
+                    .await,
+            )
         }
         Exchange::LoginUser => match String::from_utf8(bytes) {
             Ok(user) => Progress::Continue(Exchange::LoginPassword(user), LOGIN_PASSWORD.into()),
             Err(_) => fail(AuthFailure::Malformed("LOGIN user name is not UTF-8")),
         },
         Exchange::LoginPassword(user) => match String::from_utf8(bytes) {
-            Ok(password) => {
-                Progress::Finished(auth.verify_password(&user, &password, Mechanism::Login, ip))
-            }
+            Ok(password) => Progress::Finished(
+                auth.verify_password(&user, &password, Mechanism::Login, ip)
+                    .await,
+            ),
             Err(_) => fail(AuthFailure::Malformed("LOGIN password is not UTF-8")),
         },
     }

@@ -584,7 +584,7 @@ impl<S: Transport> Session<S> {
             return Flow::Continue;
         }
         let cb = self.channel_binding();
-        let progress = sasl::start(&auth, mech, initial, self.conv.peer.ip(), cb.as_deref());
+        let progress = sasl::start(&auth, mech, initial, self.conv.peer.ip(), cb.as_deref()).await;
         self.auth_progress(progress, mech).await
     }
 
@@ -609,7 +609,7 @@ impl<S: Transport> Session<S> {
                 .await;
         };
         let cb = self.channel_binding();
-        let progress = sasl::step(&auth, *exchange, text, self.conv.peer.ip(), cb.as_deref());
+        let progress = sasl::step(&auth, *exchange, text, self.conv.peer.ip(), cb.as_deref()).await;
         self.auth_progress(progress, mech).await
     }
 
@@ -649,6 +649,10 @@ impl<S: Transport> Session<S> {
                 );
                 if let AuthFailure::Malformed(_) = failure {
                     return self.error(replies::auth_malformed());
+                }
+                if let AuthFailure::Temporary(_) = failure {
+                    self.reply(replies::auth_temporary());
+                    return Flow::Continue;
                 }
                 if let AuthFailure::ClientLockedOut = failure {
                     if let Some(auth) = self.conv.shared.auth.clone() {

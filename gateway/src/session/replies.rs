@@ -170,6 +170,13 @@ pub fn auth_locked_out() -> Reply {
         "Too many authentication failures, try again later",
     )
 }
+pub fn auth_temporary() -> Reply {
+    Reply::new(
+        454,
+        E(4, 7, 0),
+        "Temporary authentication failure, try again later",
+    )
+}
 pub fn already_authenticated() -> Reply {
     Reply::new(503, E(5, 5, 1), "Already authenticated")
 }

@@ -24,6 +24,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use crate::config::{BackendAddr, BackendConfig, BackendTimeouts, BackendTls, PoolConfig};
+use crate::metrics::{BackendResult, Metrics};
 use crate::smtp::data::DotStuffer;
 use crate::smtp::reply::{Capabilities, Reply, ReplyParser};
 
@@ -197,6 +198,66 @@ pub struct ConnectionState {
     transactions: u32,
     stuffer: DotStuffer,
     wbuf: Vec<u8>,
+    /// Index of `server` in the backend's list, for its health.
+    server_index: usize,
+    observer: Arc<Observer>,
+    /// A transaction began and its result is not counted yet.
+    tx_open: bool,
+}
+
+/// Metrics and per-server health, shared by the backend and its
+/// connections.
+struct Observer {
+    metrics: Arc<Metrics>,
+    /// `host:port` of each configured server: the `server` label.
+    labels: Vec<String>,
+    health: Mutex<Vec<Health>>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Health {
+    up: bool,
+    checked: Option<Instant>,
+}
+
+impl Observer {
+    /// Records that server `index` answered (or not) just now.
+    fn mark(&self, index: usize, up: bool) {
+        let before = {
+            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(h) = health.get_mut(index) else {
+                return;
+            };
+            let before = h.checked.map(|_| h.up);
+            *h = Health {
+                up,
+                checked: Some(Instant::now()),
+            };
+            before
+        };
+        self.metrics.backend_up(&self.labels[index], up);
+        match (before, up) {
+            (Some(true), false) | (None, false) => {
+                tracing::warn!(backend = %self.labels[index], "backend server down")
+            }
+            (Some(false), true) | (None, true) => {
+                tracing::info!(backend = %self.labels[index], "backend server up")
+            }
+            _ => {}
+        }
+    }
+
+    fn up_within(&self, index: usize, max_age: Duration) -> bool {
+        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health
+            .get(index)
+            .is_some_and(|h| h.up && h.checked.is_some_and(|t| t.elapsed() <= max_age))
+    }
+
+    fn stage(&self, stage: Stage, started: Instant) {
+        self.metrics
+            .backend_stage_latency(stage.label(), started.elapsed());
+    }
 }
 
 impl std::fmt::Debug for Connection {
@@ -217,9 +278,36 @@ async fn within<T>(
         .unwrap_or(Err(BackendError::Timeout(stage)))
 }
 
+/// A connection dropped between the backend's 354 and its final reply
+/// was abandoned by the gateway: the backend discards the message.
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if self.in_data && self.tx_open {
+            self.observer
+                .metrics
+                .backend_transaction(BackendResult::Aborted);
+        }
+    }
+}
+
 impl Connection {
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// Counts the transaction's result once.
+    fn tx_result(&mut self, result: BackendResult) {
+        if std::mem::take(&mut self.tx_open) {
+            self.observer.metrics.backend_transaction(result);
+        }
+    }
+
+    /// Counts an error in the middle of a transaction as its result.
+    fn tx_check<T>(&mut self, r: Result<T, BackendError>) -> Result<T, BackendError> {
+        if r.is_err() {
+            self.tx_result(BackendResult::Failed);
+        }
+        r
     }
 
     pub fn capabilities(&self) -> &Capabilities {
@@ -272,9 +360,12 @@ impl Connection {
 
     async fn command(&mut self, stage: Stage, line: &str) -> Result<Reply, BackendError> {
         let limit = self.timeouts.command;
+        let started = Instant::now();
         self.send(stage, format!("{line}\r\n").as_bytes(), limit)
             .await?;
-        self.read_reply(stage, limit).await
+        let reply = self.read_reply(stage, limit).await?;
+        self.observer.stage(stage, started);
+        Ok(reply)
     }
 
     fn mail_line(&self, args: &MailArgs<'_>) -> String {
@@ -291,6 +382,32 @@ impl Connection {
     /// Starts a transaction: RSET if the connection was used before, MAIL
     /// and the first RCPT, pipelined when the backend offers PIPELINING.
     pub async fn begin(&mut self, args: &MailArgs<'_>, rcpt: &str) -> Result<Begun, BackendError> {
+        // A reused connection that fails here is replaced by the caller
+        // and the transaction retried: count only a fresh one's failure.
+        let reused = self.transactions > 0;
+        self.tx_open = true;
+        let r = self.begin_inner(args, rcpt).await;
+        match &r {
+            Ok(b) if !b.mail.is_positive() => {
+                let result = if b.mail.is_transient() {
+                    BackendResult::Deferred
+                } else {
+                    BackendResult::Rejected
+                };
+                self.tx_result(result);
+            }
+            Ok(_) => {}
+            Err(_) if reused => self.tx_open = false,
+            Err(_) => self.tx_result(BackendResult::Failed),
+        }
+        r
+    }
+
+    async fn begin_inner(
+        &mut self,
+        args: &MailArgs<'_>,
+        rcpt: &str,
+    ) -> Result<Begun, BackendError> {
         self.stuffer = DotStuffer::new();
         let need_rset = !self.clean;
         self.clean = false;
@@ -307,15 +424,19 @@ impl Connection {
             batch.push_str("\r\n");
             batch.push_str(&rcpt_line);
             batch.push_str("\r\n");
+            let started = Instant::now();
             self.send(Stage::Mail, batch.as_bytes(), limit).await?;
             if need_rset {
                 let r = self.read_reply(Stage::Rset, limit).await?;
+                self.observer.stage(Stage::Rset, started);
                 if !r.is_positive() {
                     return Err(BackendError::Refused(Stage::Rset, r));
                 }
             }
             let mail = self.read_reply(Stage::Mail, limit).await?;
+            self.observer.stage(Stage::Mail, started);
             let rcpt = self.read_reply(Stage::Rcpt, limit).await?;
+            self.observer.stage(Stage::Rcpt, started);
             Ok(Begun {
                 mail,
                 rcpt: Some(rcpt),
@@ -340,16 +461,32 @@ impl Connection {
     }
 
     pub async fn rcpt(&mut self, path: &str) -> Result<Reply, BackendError> {
-        self.command(Stage::Rcpt, &format!("RCPT TO:<{path}>"))
-            .await
+        let r = self
+            .command(Stage::Rcpt, &format!("RCPT TO:<{path}>"))
+            .await;
+        self.tx_check(r)
     }
 
     /// Sends DATA; the caller streams the body only after a 354.
     pub async fn data(&mut self) -> Result<Reply, BackendError> {
         let limit = self.timeouts.data_init;
-        self.send(Stage::Data, b"DATA\r\n", limit).await?;
-        let reply = self.read_reply(Stage::Data, limit).await?;
+        let started = Instant::now();
+        let r = async {
+            self.send(Stage::Data, b"DATA\r\n", limit).await?;
+            self.read_reply(Stage::Data, limit).await
+        }
+        .await;
+        let reply = self.tx_check(r)?;
+        self.observer.stage(Stage::Data, started);
         self.in_data = reply.code == 354;
+        if !self.in_data {
+            let result = if reply.is_transient() {
+                BackendResult::Deferred
+            } else {
+                BackendResult::Rejected
+            };
+            self.tx_result(result);
+        }
         Ok(reply)
     }
 
@@ -361,7 +498,7 @@ impl Connection {
         let limit = self.timeouts.data_block;
         let r = self.send(Stage::Body, &wbuf, limit).await;
         self.wbuf = wbuf;
-        r
+        self.tx_check(r)
     }
 
     /// Ends the message with the terminating dot and returns the backend's
@@ -370,9 +507,20 @@ impl Connection {
         let mut end = Vec::with_capacity(8);
         self.stuffer.finish(&mut end);
         let limit = self.timeouts.data_done;
-        self.send(Stage::DataDone, &end, limit).await?;
-        let reply = self.read_reply(Stage::DataDone, limit).await?;
+        let started = Instant::now();
+        let r = async {
+            self.send(Stage::DataDone, &end, limit).await?;
+            self.read_reply(Stage::DataDone, limit).await
+        }
+        .await;
+        let reply = self.tx_check(r)?;
+        self.observer.stage(Stage::DataDone, started);
         self.in_data = false;
+        self.tx_result(BackendResult::of_reply(&reply));
+        if reply.is_positive() {
+            // A delivered message is as good a health check as a probe.
+            self.observer.mark(self.server_index, true);
+        }
         // After the final reply the server has reset its transaction state
         // (RFC 5321 §4.1.1.4), whatever the outcome.
         self.clean = true;
@@ -381,6 +529,8 @@ impl Connection {
 
     /// Aborts a transaction that has not reached DATA.
     pub async fn reset(&mut self) -> Result<(), BackendError> {
+        // An abandoned transaction has no result to count.
+        self.tx_open = false;
         let r = self.command(Stage::Rset, "RSET").await?;
         if r.is_positive() {
             self.clean = true;
@@ -407,6 +557,7 @@ pub struct Backend {
     timeouts: BackendTimeouts,
     pool_config: PoolConfig,
     pool: Mutex<VecDeque<(Connection, Instant)>>,
+    observer: Arc<Observer>,
 }
 
 impl std::fmt::Debug for Backend {
@@ -418,7 +569,11 @@ impl std::fmt::Debug for Backend {
 }
 
 impl Backend {
-    pub fn new(config: &BackendConfig, helo: &str) -> Result<Arc<Backend>, crate::tls::TlsError> {
+    pub fn new(
+        config: &BackendConfig,
+        helo: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Backend>, crate::tls::TlsError> {
         let tls = match config.tls {
             BackendTls::None => None,
             _ => Some((
@@ -436,6 +591,11 @@ impl Backend {
             timeouts: config.timeouts.clone(),
             pool_config: config.pool.clone(),
             pool: Mutex::new(VecDeque::new()),
+            observer: Arc::new(Observer {
+                labels: config.servers.iter().map(|s| s.to_string()).collect(),
+                health: Mutex::new(vec![Health::default(); config.servers.len()]),
+                metrics,
+            }),
         }))
     }
 
@@ -450,12 +610,15 @@ impl Backend {
 
     pub fn take_idle(&self) -> Option<Connection> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let mut found = None;
         while let Some((conn, since)) = pool.pop_back() {
             if since.elapsed() < self.pool_config.idle_timeout {
-                return Some(conn);
+                found = Some(conn);
+                break;
             }
         }
-        None
+        self.observer.metrics.backend_pool_idle(pool.len());
+        found
     }
 
     /// Returns a connection for reuse by any client. It is marked so that
@@ -484,13 +647,26 @@ impl Backend {
             pool.pop_front();
         }
         pool.push_back((conn, now));
+        self.observer.metrics.backend_pool_idle(pool.len());
     }
 
     /// Connects to the servers in order; the first that greets wins.
+    /// For a transaction: when none answers, the transaction is counted
+    /// as `unavailable`.
     pub async fn connect_any(&self) -> Result<Connection, BackendError> {
+        let r = self.first_answering().await;
+        if r.is_err() {
+            self.observer
+                .metrics
+                .backend_transaction(BackendResult::Unavailable);
+        }
+        r
+    }
+
+    async fn first_answering(&self) -> Result<Connection, BackendError> {
         let mut failures = Vec::new();
-        for server in &self.servers {
-            match self.connect(server).await {
+        for (index, server) in self.servers.iter().enumerate() {
+            match self.connect(index).await {
                 Ok(conn) => return Ok(conn),
                 Err(e) => {
                     tracing::warn!(backend = %server, error = %e, "backend server unusable, trying the next");
@@ -503,20 +679,63 @@ impl Backend {
 
     /// Checks that some backend answers with a 220 greeting (for readiness).
     pub async fn probe(&self) -> Result<String, BackendError> {
-        let conn = self.connect_any().await?;
+        let conn = self.first_answering().await?;
         let server = conn.server.clone();
         conn.quit().await;
         Ok(server)
     }
 
-    async fn connect(&self, server: &BackendAddr) -> Result<Connection, BackendError> {
+    /// Checks every server (greeting, EHLO, STARTTLS when configured,
+    /// QUIT) and records each one's health in `relayguard_backend_up`.
+    /// A server that answered within `fresh` (a real transaction, or the
+    /// previous probe) is not asked again. Returns how many are up.
+    pub async fn probe_all(&self, fresh: Duration) -> usize {
+        let mut up = 0;
+        for (index, server) in self.servers.iter().enumerate() {
+            if self.observer.up_within(index, fresh) {
+                up += 1;
+                continue;
+            }
+            match self.connect(index).await {
+                Ok(conn) => {
+                    conn.quit().await;
+                    up += 1;
+                }
+                Err(e) => tracing::debug!(backend = %server, error = %e, "backend probe failed"),
+            }
+        }
+        up
+    }
+
+    /// Did some server answer (a probe or a real connection) within
+    /// `max_age`, and was it up then? For `/readyz`.
+    pub fn reachable(&self, max_age: Duration) -> bool {
+        (0..self.servers.len()).any(|i| self.observer.up_within(i, max_age))
+    }
+
+    /// The connect timeout (a probe of a dead server can take this long).
+    pub fn connect_timeout(&self) -> Duration {
+        self.timeouts.connect
+    }
+
+    /// Connects to server `index` and records its health.
+    async fn connect(&self, index: usize) -> Result<Connection, BackendError> {
+        let r = self.connect_to(index).await;
+        self.observer.mark(index, r.is_ok());
+        r
+    }
+
+    async fn connect_to(&self, index: usize) -> Result<Connection, BackendError> {
+        let server = &self.servers[index];
         let t = &self.timeouts;
+        let started = Instant::now();
         let tcp = within(t.connect, Stage::Connect, async {
             TcpStream::connect((server.host.as_str(), server.port))
                 .await
                 .map_err(|e| BackendError::Io(Stage::Connect, e))
         })
         .await?;
+        self.observer.stage(Stage::Connect, started);
         let _ = tcp.set_nodelay(true);
         let mut conn = Connection(Box::new(ConnectionState {
             stream: Stream::Plain(tcp),
@@ -530,8 +749,13 @@ impl Backend {
             transactions: 0,
             stuffer: DotStuffer::new(),
             wbuf: Vec::new(),
+            server_index: index,
+            observer: self.observer.clone(),
+            tx_open: false,
         }));
+        let started = Instant::now();
         let greeting = conn.read_reply(Stage::Greeting, t.greeting).await?;
+        self.observer.stage(Stage::Greeting, started);
         if greeting.code != 220 {
             return Err(BackendError::Refused(Stage::Greeting, greeting));
         }

@@ -577,6 +577,19 @@ impl Config {
                     "set exactly one identity source: `users_file` or `active_directory`".into(),
                 ));
             }
+            if auth
+                .active_directory
+                .as_ref()
+                .is_some_and(|ad| ad.ldap.is_none())
+            {
+                // Without LDAP, a DC that maps unknown users to Guest would
+                // make every name "authenticated"; LDAP confirms the account.
+                return Err(err(
+                    "auth.active_directory.ldap".into(),
+                    "active_directory",
+                    "`ldap` is required: it confirms the account and gives its groups".into(),
+                ));
+            }
             let lockout = &auth.lockout;
             for (field, value) in [
                 ("max_failures_per_client", lockout.max_failures_per_client),

@@ -5,11 +5,15 @@
 //! Parsing lives in [`smtp`] and never touches a socket.
 #![forbid(unsafe_code)]
 
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod http;
+pub mod metrics;
+pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod session;

@@ -18,6 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::config::{Config, TlsMode};
+use crate::metrics::{ConnectionRefusal, Metrics, TlsFailure};
 use crate::session::{replies, Conversation, Outcome, Session};
 use crate::tls::{CertStore, TlsInfo};
 use policy::relay::RelayPolicy;
@@ -29,6 +30,9 @@ pub struct Shared {
     pub backend: Arc<Backend>,
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     pub shutdown: CancellationToken,
+    pub metrics: Arc<Metrics>,
+    /// One JSON record per transaction decision (see [`crate::audit`]).
+    pub audit: crate::audit::AuditLog,
     limits: ConnectionLimits,
     listener_certs: Vec<Arc<CertStore>>,
 }
@@ -68,6 +72,8 @@ pub enum StartError {
     Auth(#[from] crate::auth::AuthSetupError),
     #[error("policy: {0}")]
     Policy(#[from] policy::relay::PatternError),
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
 }
 
 /// Caps on concurrent connections, in total and per client address.
@@ -135,8 +141,13 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
         let policy = RelayPolicy::new(&config.policy.local_domains)?;
-        let backend =
-            Backend::new(&config.backend, config.helo_name()).map_err(StartError::BackendTls)?;
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_connection_limit(config.limits.max_connections);
+        let audit =
+            crate::audit::AuditLog::open(&crate::audit::AuditConfig::default(), metrics.clone())
+                .map_err(StartError::Audit)?;
+        let backend = Backend::new(&config.backend, config.helo_name(), metrics.clone())
+            .map_err(StartError::BackendTls)?;
         let auth = match &config.auth {
             Some(a) => {
                 let auth = crate::auth::Authenticator::new(a)?;
@@ -168,6 +179,7 @@ impl Server {
                 }
                 _ => (None, None),
             };
+            metrics.init_listener(&l.name, acceptor.is_some());
             let tcp = TcpListener::bind(l.address)
                 .await
                 .map_err(|source| StartError::Bind {
@@ -202,6 +214,8 @@ impl Server {
             backend,
             auth,
             shutdown: CancellationToken::new(),
+            metrics,
+            audit,
             limits,
         });
         Ok(Server {
@@ -233,7 +247,9 @@ impl Server {
             let tracker2 = tracker.clone();
             tracker.spawn(accept_loop(shared, info, listener, tracker2));
         }
+        shared.metrics.set_accepting(true);
         shared.shutdown.cancelled().await;
+        shared.metrics.set_accepting(false);
         tracker.close();
         let drain = shared.config.shutdown.drain_timeout;
         tracing::info!(
@@ -272,20 +288,30 @@ async fn accept_loop(
             }
         };
         let _ = tcp.set_nodelay(true);
+        shared.metrics.connection_accepted(&info.name);
         match shared.limits.admit(peer.ip()) {
             Ok(admission) => {
+                let active = shared.metrics.connection_opened(&info.name);
                 let shared = shared.clone();
                 let info = info.clone();
                 tracker.spawn(async move {
                     handle(shared, info, tcp, peer).await;
-                    drop(admission);
+                    drop((admission, active));
                 });
             }
             Err(refusal) => {
                 let (reply, reason) = match refusal {
-                    Refusal::Total => (replies::too_many_connections(), "max_connections"),
-                    Refusal::PerIp => (replies::too_many_from_ip(), "max_connections_per_ip"),
+                    Refusal::Total => (
+                        replies::too_many_connections(),
+                        ConnectionRefusal::MaxConnections,
+                    ),
+                    Refusal::PerIp => (
+                        replies::too_many_from_ip(),
+                        ConnectionRefusal::MaxConnectionsPerIp,
+                    ),
                 };
+                shared.metrics.connection_refused(&info.name, reason);
+                let reason = reason.label();
                 tracing::warn!(listener = %info.name, client = %peer, reason, "connection refused");
                 if info.mode != TlsMode::Implicit {
                     tokio::spawn(refuse(tcp, reply));
@@ -340,21 +366,32 @@ async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, pe
         return;
     }
     match Session::new(tcp, conv()).greet_and_run().await {
-        Outcome::Closed(conv) => conv.log_summary(),
+        Outcome::Closed(conv) => closed(&conv),
         Outcome::StartTls(tcp, conv) => match info.acceptor.clone() {
             Some(acceptor) => Box::pin(tls_session(acceptor, tcp, conv, false)).await,
-            None => conv.log_summary(),
+            None => closed(&conv),
         },
     }
 }
 
+/// The end of a session: its summary line and its count.
+fn closed(conv: &Conversation) {
+    conv.log_summary();
+    conv.shared.metrics.session_closed(
+        &conv.listener.name,
+        crate::metrics::tls_label(conv.tls.as_ref()),
+        conv.end,
+    );
+}
+
 async fn refuse_early_talker(mut tcp: TcpStream, mut conv: Conversation) {
     tracing::warn!(session = %conv.id, client = %conv.peer, "early talker refused");
+    conv.shared.metrics.early_talker(&conv.listener.name);
     let mut out = Vec::new();
     replies::early_talker().write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
     conv.end = "early_talker";
-    conv.log_summary();
+    closed(&conv);
 }
 
 /// Handshake, then a session inside TLS. After STARTTLS there is no new
@@ -387,18 +424,22 @@ async fn tls_session(
         Ok(Err(e)) => {
             conv.end = "tls_handshake_failed";
             tracing::info!(session = %conv.id, client = %conv.peer, error = %e, "TLS handshake failed");
-            conv.log_summary();
+            let m = &conv.shared.metrics;
+            m.tls_handshake_failed(&conv.listener.name, TlsFailure::Error);
+            closed(&conv);
         }
         Err(_) => {
             conv.end = "tls_handshake_timeout";
             tracing::info!(session = %conv.id, client = %conv.peer, "TLS handshake timed out");
-            conv.log_summary();
+            let m = &conv.shared.metrics;
+            m.tls_handshake_failed(&conv.listener.name, TlsFailure::Timeout);
+            closed(&conv);
         }
     }
 }
 
 fn finish<S>(outcome: Outcome<S>) {
     match outcome {
-        Outcome::Closed(conv) | Outcome::StartTls(_, conv) => conv.log_summary(),
+        Outcome::Closed(conv) | Outcome::StartTls(_, conv) => closed(&conv),
     }
 }

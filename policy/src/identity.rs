@@ -101,7 +101,7 @@ pub enum IdentityError {
     },
 }
 
-fn fmt_location(line: Option<usize>, column: Option<usize>) -> String {
+pub(crate) fn fmt_location(line: Option<usize>, column: Option<usize>) -> String {
     match (line, column) {
         (Some(l), Some(c)) => format!(":{l}:{c}"),
         (Some(l), None) => format!(":{l}"),
@@ -109,7 +109,7 @@ fn fmt_location(line: Option<usize>, column: Option<usize>) -> String {
     }
 }
 
-fn fmt_field(field: &str) -> String {
+pub(crate) fn fmt_field(field: &str) -> String {
     if field.is_empty() || field == "." {
         String::new()
     } else {
@@ -202,7 +202,7 @@ impl CredentialStore for UsersFile {
 
 /// serde_norway appends " at line L column C" to messages; the location is
 /// reported separately, so drop the duplicate.
-fn strip_location(msg: &str) -> String {
+pub(crate) fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_owned(),
         None => msg.to_owned(),

@@ -17,6 +17,7 @@ mod config;
 mod fake_backend;
 mod gateway;
 pub mod ntlm;
+pub mod prometheus;
 mod samba;
 mod sink;
 mod tools;

@@ -20,6 +20,7 @@ use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
@@ -73,6 +74,8 @@ static SHARED: LazyLock<SambaDc> = LazyLock::new(SambaDc::start);
 const DIR_PREFIX: &str = "relayguard-samba-dc.";
 /// The machine-wide lock (abstract socket name).
 const LOCK_NAME: &[u8] = b"relayguard-e2e-samba-dc";
+/// This process holds the lock: waiting for it would wait for ourselves.
+static LOCK_HELD_HERE: AtomicBool = AtomicBool::new(false);
 /// How long a second test process waits for the first one's DC.
 const LOCK_WAIT: Duration = Duration::from_secs(600);
 const START_TIMEOUT: Duration = Duration::from_secs(90);
@@ -175,6 +178,16 @@ impl SambaDc {
             format!("{}\n", Self::SERVICE.password),
         );
 
+        // The previous holder's samba may still be on its way out.
+        let ldap = SocketAddr::from(([127, 0, 0, 1], 389));
+        let port_free = wait_until(Duration::from_secs(15), || {
+            TcpStream::connect_timeout(&ldap, Duration::from_millis(200)).is_err()
+        });
+        assert!(
+            port_free,
+            "something else listens on 127.0.0.1:389; the test DC needs that port"
+        );
+
         let log = dir.path().join("samba.log");
         let log_file = std::fs::File::create(&log).expect("create samba.log");
         let mut child = Command::new(sbin("samba"))
@@ -219,7 +232,10 @@ impl SambaDc {
         if !ready || exited.is_some() {
             panic!(
                 "Samba DC did not start ({}); its log:\n{}",
-                exited.map_or_else(|| format!("not ready after {START_TIMEOUT:?}"), |s| s.to_string()),
+                exited.map_or_else(
+                    || format!("not ready after {START_TIMEOUT:?}"),
+                    |s| s.to_string()
+                ),
                 self.log()
             );
         }
@@ -288,6 +304,8 @@ impl Drop for SambaDc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The lock itself goes with `_lock`, after this.
+        LOCK_HELD_HERE.store(false, Ordering::SeqCst);
     }
 }
 
@@ -311,6 +329,10 @@ fn bin(name: &str) -> PathBuf {
 }
 
 fn take_machine_lock() -> UnixListener {
+    assert!(
+        !LOCK_HELD_HERE.swap(true, Ordering::SeqCst),
+        "this process already runs a Samba DC: use SambaDc::shared()"
+    );
     let addr = std::os::unix::net::SocketAddr::from_abstract_name(LOCK_NAME)
         .expect("abstract socket name");
     let deadline = Instant::now() + LOCK_WAIT;
@@ -349,7 +371,12 @@ fn remove_stale_dirs() {
 fn provision(dir: &Path) -> PathBuf {
     let target = dir.join("dc");
     let out = Command::new(bin("samba-tool"))
-        .args(["domain", "provision", "--server-role=dc", "--dns-backend=NONE"])
+        .args([
+            "domain",
+            "provision",
+            "--server-role=dc",
+            "--dns-backend=NONE",
+        ])
         .arg(format!("--targetdir={}", target.display()))
         .arg(format!("--realm={}", SambaDc::REALM))
         .arg(format!("--domain={}", SambaDc::NETBIOS_DOMAIN))
@@ -483,4 +510,3 @@ for g in spec["groups"]:
         String::from_utf8_lossy(&out.stderr)
     );
 }
-

@@ -12,6 +12,13 @@
 //!          ◀──────── 235 / 535 / 501  ◀──── Authenticated / NtlmError
 //! ```
 //!
+//! With a domain controller as the verifier (Active Directory), the last
+//! step is split: `begin_authenticate(type3)` runs the checks that need no
+//! password and yields a [`PendingAuthenticate`] whose user, domain,
+//! challenge and NT response go to the DC; the DC's SessionBaseKey then
+//! goes to `finish_external`, which runs the same post-proof checks (target
+//! info, timestamp, MIC, channel binding, replay) as the local path.
+//!
 //! A successful [`Authenticated`] only says who the client is. Whether that
 //! identity may relay is decided separately (`policy::relay`): authenticating
 //! must never imply relay permission (the MS02-011 lesson).

@@ -283,8 +283,9 @@ impl ServerHandshake {
 /// hashes we hold) or [`PendingAuthenticate::finish_external`] (a domain
 /// controller verified the proof). Either way the same post-proof checks
 /// run: target-info echo, timestamp window, MIC, channel binding, replay,
-/// account state. An externally verified response cannot skip them,
-/// because the only way to an [`Authenticated`] is through them.
+/// account state. An externally verified response cannot skip them: both
+/// methods end in the same private function, and a `PendingAuthenticate`
+/// leads nowhere else.
 pub struct PendingAuthenticate {
     config: NtlmConfig,
     clock: Arc<dyn Clock>,

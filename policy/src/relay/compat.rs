@@ -1,81 +1,9 @@
-//! The relay decision: may this recipient be accepted from this client?
+//! The local-domains-only check the gateway used before the relay rules
+//! existed, kept so the gateway builds while it moves to [`super::Policy`].
 //!
-//! Default deny. Mail to a local domain is inbound and accepted; anything
-//! else is relaying and refused unless a rule allows it. Authentication on
-//! its own never grants relaying — that is the MS02-011 lesson this crate
-//! exists to keep.
+//! Default deny: mail to a local domain is accepted, anything else refused.
 
-use std::fmt;
-
-/// A domain name or a `*.domain` wildcard, stored as lower-case A-labels so
-/// that comparison is a plain string comparison.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DomainPattern {
-    Exact(String),
-    /// `*.example.test`: every subdomain, not `example.test` itself.
-    Subdomains(String),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PatternError {
-    #[error("`{0}` is not a valid domain name")]
-    InvalidDomain(String),
-}
-
-impl DomainPattern {
-    pub fn parse(text: &str) -> Result<Self, PatternError> {
-        let (wild, name) = match text.strip_prefix("*.") {
-            Some(rest) => (true, rest),
-            None => (false, text),
-        };
-        let name =
-            normalize_domain(name).ok_or_else(|| PatternError::InvalidDomain(text.into()))?;
-        Ok(if wild {
-            DomainPattern::Subdomains(name)
-        } else {
-            DomainPattern::Exact(name)
-        })
-    }
-
-    /// `domain` must already be normalised with [`normalize_domain`].
-    pub fn matches(&self, domain: &str) -> bool {
-        match self {
-            DomainPattern::Exact(d) => d == domain,
-            DomainPattern::Subdomains(d) => domain
-                .strip_suffix(d.as_str())
-                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
-        }
-    }
-}
-
-impl fmt::Display for DomainPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            DomainPattern::Exact(d) => f.write_str(d),
-            DomainPattern::Subdomains(d) => write!(f, "*.{d}"),
-        }
-    }
-}
-
-/// Lower-case A-label form of a domain, or `None` if it is not a valid
-/// host name. IDN U-labels are converted (UTS #46), so `bücher.example`
-/// and `xn--bcher-kva.example` are the same domain to every rule.
-pub fn normalize_domain(name: &str) -> Option<String> {
-    if name.is_empty() || name.len() > 253 {
-        return None;
-    }
-    let ascii = idna::domain_to_ascii_strict(name).ok()?;
-    let valid = ascii.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    });
-    valid.then_some(ascii)
-}
+use super::address::{normalize_domain, DomainPattern, PatternError};
 
 /// What the session knows about a recipient when it asks.
 #[derive(Debug, Clone, Copy)]
@@ -112,8 +40,7 @@ impl Decision {
     }
 }
 
-/// The relay policy in force. Immutable once built: a reload builds a new
-/// one and swaps it in whole.
+/// Local domains only; superseded by [`super::Policy`].
 #[derive(Debug, Clone, Default)]
 pub struct RelayPolicy {
     local_domains: Vec<DomainPattern>,
@@ -184,17 +111,5 @@ mod tests {
         for (d, local) in cases {
             assert_eq!(p.check_recipient(*d).is_accept(), *local, "{d:?}");
         }
-    }
-
-    #[test]
-    fn patterns_parse_and_refuse() {
-        assert_eq!(
-            DomainPattern::parse("Example.TEST").unwrap().to_string(),
-            "example.test"
-        );
-        assert!(DomainPattern::parse("exa mple.test").is_err());
-        assert!(DomainPattern::parse("").is_err());
-        assert!(DomainPattern::parse("-a.test").is_err());
-        assert!(DomainPattern::parse("*.").is_err());
     }
 }

@@ -1,0 +1,894 @@
+//! Prometheus metrics: one [`Metrics`] per process, shared by every
+//! session through [`crate::server::Shared`], rendered by [`crate::http`].
+//!
+//! Call sites never touch a `prometheus` type: they say what happened
+//! (`metrics.connection_refused(listener, ConnectionRefusal::PerIp)`,
+//! `metrics.auth_failed(mech, &failure)`), and this module knows which
+//! series that is. That keeps names, units and label sets in one place,
+//! where the tests below check them against the Prometheus conventions.
+//!
+//! **Labels are bounded.** Every label value is either a `&'static str`
+//! chosen by the code (a reason, a result, a stage, a TLS version), an
+//! enum of this module, or a name from the operator's configuration (a
+//! listener name, a backend server, a relay rule). User names, envelope
+//! addresses and client IPs never become label values: they belong in the
+//! audit log ([`crate::audit`]), not in a time series.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use prometheus::core::Collector;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::auth::{AuthFailure, Mechanism};
+use crate::smtp::data::DataViolation;
+use crate::smtp::reply::Reply;
+
+/// `Content-Type` of [`Metrics::render`]: the text exposition format 0.0.4.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Latency buckets for backend stages, in seconds: from a loopback reply
+/// (sub-millisecond) to an old MTA chewing on a large message.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// Message size buckets, in bytes: 1 KiB to 64 MiB, ×4 each.
+const SIZE_BUCKETS: &[f64] = &[
+    1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
+];
+
+/// Why a connection was refused before its session started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// `limits.max_connections` reached.
+    MaxConnections,
+    /// `limits.max_connections_per_ip` reached for the client's address.
+    MaxConnectionsPerIp,
+}
+
+impl ConnectionRefusal {
+    pub const ALL: [ConnectionRefusal; 2] = [
+        ConnectionRefusal::MaxConnections,
+        ConnectionRefusal::MaxConnectionsPerIp,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnectionRefusal::MaxConnections => "max_connections",
+            ConnectionRefusal::MaxConnectionsPerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// How a TLS handshake with a client failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsFailure {
+    /// The handshake failed (no shared version or cipher, bad record, the
+    /// client hung up or rejected our certificate).
+    Error,
+    /// `limits.tls_handshake_timeout` passed.
+    Timeout,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 2] = [TlsFailure::Error, TlsFailure::Timeout];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsFailure::Error => "error",
+            TlsFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// How one transaction ended at the backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendResult {
+    /// 2xx to the final dot: the backend took responsibility.
+    Delivered,
+    /// 4xx to MAIL, DATA or the final dot.
+    Deferred,
+    /// 5xx to MAIL, DATA or the final dot.
+    Rejected,
+    /// A timeout, I/O or protocol error in the middle of the transaction.
+    Failed,
+    /// No backend server could be reached for a new transaction.
+    Unavailable,
+    /// The gateway abandoned the message during DATA (client gone, or the
+    /// message broke a limit): the backend connection was closed without
+    /// the final dot, so the backend discards it.
+    Aborted,
+}
+
+impl BackendResult {
+    pub const ALL: [BackendResult; 6] = [
+        BackendResult::Delivered,
+        BackendResult::Deferred,
+        BackendResult::Rejected,
+        BackendResult::Failed,
+        BackendResult::Unavailable,
+        BackendResult::Aborted,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            BackendResult::Delivered => "delivered",
+            BackendResult::Deferred => "deferred",
+            BackendResult::Rejected => "rejected",
+            BackendResult::Failed => "failed",
+            BackendResult::Unavailable => "unavailable",
+            BackendResult::Aborted => "aborted",
+        }
+    }
+
+    /// The result a final reply stands for (2xx, 4xx, 5xx).
+    pub fn of_reply(reply: &Reply) -> BackendResult {
+        if reply.is_positive() {
+            BackendResult::Delivered
+        } else if reply.is_transient() {
+            BackendResult::Deferred
+        } else {
+            BackendResult::Rejected
+        }
+    }
+}
+
+/// What was reloaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadKind {
+    /// The relay policy from the configuration file (SIGHUP).
+    Policy,
+    /// The users file of `auth`.
+    Users,
+    /// A listener's certificate and key.
+    Certificate,
+}
+
+impl ReloadKind {
+    pub const ALL: [ReloadKind; 3] = [
+        ReloadKind::Policy,
+        ReloadKind::Users,
+        ReloadKind::Certificate,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ReloadKind::Policy => "policy",
+            ReloadKind::Users => "users",
+            ReloadKind::Certificate => "certificate",
+        }
+    }
+}
+
+/// The label of a data violation (`relayguard_messages_refused_total`).
+pub fn violation_label(v: DataViolation) -> &'static str {
+    match v {
+        DataViolation::TooLarge => "too_large",
+        DataViolation::LineTooLong => "line_too_long",
+        DataViolation::BareLf => "bare_lf",
+        DataViolation::BareCr => "bare_cr",
+        DataViolation::Nul => "nul",
+    }
+}
+
+/// The `tls` label of a session: `none`, `TLSv1.2` or `TLSv1.3`.
+pub fn tls_label(tls: Option<&crate::tls::TlsInfo>) -> &'static str {
+    tls.map(|t| t.version).unwrap_or("none")
+}
+
+/// Every metric RelayGuard exports, registered in its own registry (no
+/// global state, so tests can create as many as they like).
+pub struct Metrics {
+    registry: Registry,
+    connections_accepted: IntCounterVec,
+    connections_refused: IntCounterVec,
+    connections_active: IntGaugeVec,
+    connections_max: IntGauge,
+    sessions: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
+    early_talkers: IntCounterVec,
+    auth_attempts: IntCounterVec,
+    relay_decisions: IntCounterVec,
+    rate_limited: IntCounterVec,
+    messages_forwarded: IntCounter,
+    recipients_forwarded: IntCounter,
+    message_size: Histogram,
+    messages_refused: IntCounterVec,
+    backend_transactions: IntCounterVec,
+    backend_stage_duration: HistogramVec,
+    backend_up: IntGaugeVec,
+    backend_pool_idle: IntGauge,
+    reloads: IntCounterVec,
+    audit_records: IntCounterVec,
+    /// Set once the accept loops run, cleared when shutdown starts; read
+    /// by `/readyz`. Not a metric.
+    accepting: AtomicBool,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Registers a collector; names are fixed at compile time and unique, so
+/// a failure is a programming error caught by the unit tests.
+fn register<C: Collector + Clone + 'static>(registry: &Registry, c: C) -> C {
+    registry
+        .register(Box::new(c.clone()))
+        .expect("metric names are unique and valid");
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter");
+    register(registry, c)
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge");
+    register(registry, g)
+}
+
+impl Metrics {
+    /// A fresh registry with every metric, and zeroed series for each
+    /// label value known in advance (so `rate()` and alerts see the first
+    /// increment). `relayguard_build_info` carries the crate version.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let build_info = gauge_vec(
+            &r,
+            "relayguard_build_info",
+            "Always 1; the label carries the RelayGuard version.",
+            &["version"],
+        );
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        let m = Metrics {
+            connections_accepted: counter_vec(
+                &r,
+                "relayguard_connections_accepted_total",
+                "TCP connections accepted, before admission limits.",
+                &["listener"],
+            ),
+            connections_refused: counter_vec(
+                &r,
+                "relayguard_connections_refused_total",
+                "Connections refused by an admission limit.",
+                &["listener", "reason"],
+            ),
+            connections_active: gauge_vec(
+                &r,
+                "relayguard_connections_active",
+                "Client connections currently admitted.",
+                &["listener"],
+            ),
+            connections_max: register(
+                &r,
+                IntGauge::new(
+                    "relayguard_connections_max",
+                    "The configured limit on concurrent client connections (limits.max_connections).",
+                )
+                .expect("valid gauge"),
+            ),
+            sessions: counter_vec(
+                &r,
+                "relayguard_sessions_total",
+                "Client sessions ended, by listener, negotiated TLS version (none, TLSv1.2, TLSv1.3) and why they ended.",
+                &["listener", "tls", "end"],
+            ),
+            tls_handshake_failures: counter_vec(
+                &r,
+                "relayguard_tls_handshake_failures_total",
+                "Client TLS handshakes (implicit TLS or STARTTLS) that failed or timed out.",
+                &["listener", "reason"],
+            ),
+            early_talkers: counter_vec(
+                &r,
+                "relayguard_early_talkers_total",
+                "Clients refused for sending before the greeting.",
+                &["listener"],
+            ),
+            auth_attempts: counter_vec(
+                &r,
+                "relayguard_auth_attempts_total",
+                "Completed AUTH exchanges, by mechanism and result (success or the failure reason).",
+                &["mechanism", "result"],
+            ),
+            relay_decisions: counter_vec(
+                &r,
+                "relayguard_relay_decisions_total",
+                "Policy decisions on recipients, by the rule that decided (none if no rule did) and the outcome (local, relay, or the refusal reason).",
+                &["rule", "outcome"],
+            ),
+            rate_limited: counter_vec(
+                &r,
+                "relayguard_rate_limited_total",
+                "Commands refused by a rate limit, by SMTP stage (mail, rcpt) and the rule whose limit it was (global for the top-level rates).",
+                &["stage", "rule"],
+            ),
+            messages_forwarded: register(
+                &r,
+                IntCounter::new(
+                    "relayguard_messages_forwarded_total",
+                    "Messages the backend accepted (2xx to the final dot).",
+                )
+                .expect("valid counter"),
+            ),
+            recipients_forwarded: register(
+                &r,
+                IntCounter::new(
+                    "relayguard_recipients_forwarded_total",
+                    "Recipients of the messages the backend accepted.",
+                )
+                .expect("valid counter"),
+            ),
+            message_size: register(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "relayguard_message_size_bytes",
+                        "Size of forwarded messages (octets after dot-unstuffing).",
+                    )
+                    .buckets(SIZE_BUCKETS.to_vec()),
+                )
+                .expect("valid histogram"),
+            ),
+            messages_refused: counter_vec(
+                &r,
+                "relayguard_messages_refused_total",
+                "Messages refused by the gateway during DATA, by the violation (too_large, line_too_long, bare_lf, bare_cr, nul).",
+                &["reason"],
+            ),
+            backend_transactions: counter_vec(
+                &r,
+                "relayguard_backend_transactions_total",
+                "Transactions toward the backend, by how they ended.",
+                &["result"],
+            ),
+            backend_stage_duration: register(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "relayguard_backend_stage_duration_seconds",
+                        "Backend latency per stage: TCP connect, greeting, EHLO, STARTTLS, and from each command to its reply.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                    &["stage"],
+                )
+                .expect("valid histogram"),
+            ),
+            backend_up: gauge_vec(
+                &r,
+                "relayguard_backend_up",
+                "1 if the last connection or probe to this backend server succeeded, else 0.",
+                &["server"],
+            ),
+            backend_pool_idle: register(
+                &r,
+                IntGauge::new(
+                    "relayguard_backend_pool_idle_connections",
+                    "Warm backend connections waiting in the pool.",
+                )
+                .expect("valid gauge"),
+            ),
+            reloads: counter_vec(
+                &r,
+                "relayguard_reloads_total",
+                "Reloads of the policy, users file or certificates, by result (success, failure).",
+                &["kind", "result"],
+            ),
+            audit_records: counter_vec(
+                &r,
+                "relayguard_audit_records_total",
+                "Audit records, by fate: written, dropped (queue full) or failed (write error).",
+                &["result"],
+            ),
+            accepting: AtomicBool::new(false),
+            registry: r,
+        };
+        for result in BackendResult::ALL {
+            m.backend_transactions.with_label_values(&[result.label()]);
+        }
+        for kind in ReloadKind::ALL {
+            for result in ["success", "failure"] {
+                m.reloads.with_label_values(&[kind.label(), result]);
+            }
+        }
+        for result in ["written", "dropped", "failed"] {
+            m.audit_records.with_label_values(&[result]);
+        }
+        m
+    }
+
+    /// The registry, for callers that want to add their own collectors.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Everything, in the text exposition format ([`CONTENT_TYPE`]).
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(16 * 1024);
+        // Encoding into a Vec cannot fail on I/O; a failure would be a
+        // malformed family, which `register` already refused.
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    // ---- configuration known at start ----
+
+    /// Zeroes the per-listener series of a configured listener, so they
+    /// exist before its first connection.
+    pub fn init_listener(&self, listener: &str, tls: bool) {
+        self.connections_accepted.with_label_values(&[listener]);
+        self.connections_active.with_label_values(&[listener]);
+        self.early_talkers.with_label_values(&[listener]);
+        for r in ConnectionRefusal::ALL {
+            self.connections_refused
+                .with_label_values(&[listener, r.label()]);
+        }
+        if tls {
+            for f in TlsFailure::ALL {
+                self.tls_handshake_failures
+                    .with_label_values(&[listener, f.label()]);
+            }
+        }
+    }
+
+    /// The configured connection limit (for saturation: active / max).
+    pub fn set_connection_limit(&self, max: usize) {
+        self.connections_max.set(max as i64);
+    }
+
+    // ---- admission (server) ----
+
+    pub fn connection_accepted(&self, listener: &str) {
+        self.connections_accepted
+            .with_label_values(&[listener])
+            .inc();
+    }
+
+    pub fn connection_refused(&self, listener: &str, reason: ConnectionRefusal) {
+        self.connections_refused
+            .with_label_values(&[listener, reason.label()])
+            .inc();
+    }
+
+    /// An admitted connection: counted as active until the guard drops.
+    pub fn connection_opened(&self, listener: &str) -> ActiveConnection {
+        let gauge = self.connections_active.with_label_values(&[listener]);
+        gauge.inc();
+        ActiveConnection(gauge)
+    }
+
+    pub fn early_talker(&self, listener: &str) {
+        self.early_talkers.with_label_values(&[listener]).inc();
+    }
+
+    pub fn tls_handshake_failed(&self, listener: &str, why: TlsFailure) {
+        self.tls_handshake_failures
+            .with_label_values(&[listener, why.label()])
+            .inc();
+    }
+
+    /// A session ended. Counted at the end, not the start, because a
+    /// STARTTLS session's TLS version is only known halfway through.
+    /// `tls` is [`tls_label`]; `end` is the session's end reason.
+    pub fn session_closed(&self, listener: &str, tls: &'static str, end: &'static str) {
+        self.sessions.with_label_values(&[listener, tls, end]).inc();
+    }
+
+    /// The accept loops run (true) or shutdown started (false); `/readyz`
+    /// is not ready while false.
+    pub fn set_accepting(&self, accepting: bool) {
+        self.accepting.store(accepting, Ordering::SeqCst);
+    }
+
+    pub fn is_accepting(&self) -> bool {
+        self.accepting.load(Ordering::SeqCst)
+    }
+
+    // ---- authentication ----
+
+    pub fn auth_succeeded(&self, mechanism: Mechanism) {
+        self.auth_attempt(mechanism.name(), "success");
+    }
+
+    /// A failed AUTH, labelled with [`AuthFailure::label`] (`bad_credentials`,
+    /// `anonymous_refused`, `ntlmv1_refused`, `replay`, `mic_invalid`,
+    /// `locked_out`, `client_locked_out`, `malformed`, …).
+    pub fn auth_failed(&self, mechanism: Mechanism, failure: &AuthFailure) {
+        self.auth_attempt(mechanism.name(), failure.label());
+    }
+
+    /// The general form: `result` is `success` or a failure label.
+    pub fn auth_attempt(&self, mechanism: &'static str, result: &'static str) {
+        self.auth_attempts
+            .with_label_values(&[mechanism, result])
+            .inc();
+    }
+
+    // ---- policy ----
+
+    /// A recipient decision: `RcptDecision::rule()` (the configured rule
+    /// or trusted network that decided; `none` when no rule did) and
+    /// `RcptDecision::label()` (`local`, `relay`, `relay_denied`,
+    /// `relay_not_permitted`, `address_literal`, `auth_required`,
+    /// `sender_mismatch`, `rate_limited`, …). Never pass an address here.
+    pub fn relay_decision(&self, rule: Option<&str>, outcome: &'static str) {
+        self.relay_decisions
+            .with_label_values(&[rule.unwrap_or("none"), outcome])
+            .inc();
+    }
+
+    /// A rate limit refused a command at `stage` (`mail`, `rcpt`); `rule`
+    /// is the rule whose limit it was, `None` for the top-level rates.
+    pub fn rate_limited(&self, stage: &'static str, rule: Option<&str>) {
+        self.rate_limited
+            .with_label_values(&[stage, rule.unwrap_or("global")])
+            .inc();
+    }
+
+    // ---- messages ----
+
+    /// The backend accepted a message of `size_bytes` for `recipients`.
+    pub fn message_forwarded(&self, size_bytes: u64, recipients: usize) {
+        self.messages_forwarded.inc();
+        self.recipients_forwarded.inc_by(recipients as u64);
+        self.message_size.observe(size_bytes as f64);
+    }
+
+    /// The gateway refused a message during DATA.
+    pub fn message_refused(&self, violation: DataViolation) {
+        self.messages_refused
+            .with_label_values(&[violation_label(violation)])
+            .inc();
+    }
+
+    // ---- backend ----
+
+    pub fn backend_transaction(&self, result: BackendResult) {
+        self.backend_transactions
+            .with_label_values(&[result.label()])
+            .inc();
+    }
+
+    /// Latency of one backend stage (`Stage::label()`: connect, greeting,
+    /// ehlo, starttls, rset, mail, rcpt, data, data_done).
+    pub fn backend_stage_latency(&self, stage: &'static str, elapsed: Duration) {
+        self.backend_stage_duration
+            .with_label_values(&[stage])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// `server` is a configured backend address (`host:port`).
+    pub fn backend_up(&self, server: &str, up: bool) {
+        self.backend_up
+            .with_label_values(&[server])
+            .set(i64::from(up));
+    }
+
+    pub fn backend_pool_idle(&self, idle: usize) {
+        self.backend_pool_idle.set(idle as i64);
+    }
+
+    // ---- operations ----
+
+    pub fn reload(&self, kind: ReloadKind, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads
+            .with_label_values(&[kind.label(), result])
+            .inc();
+    }
+
+    pub(crate) fn audit_record(&self, result: &'static str) {
+        self.audit_records.with_label_values(&[result]).inc();
+    }
+}
+
+/// Keeps a connection counted in `relayguard_connections_active`.
+#[derive(Debug)]
+pub struct ActiveConnection(IntGauge);
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    /// `(name, type)` of every family in the text output.
+    fn families(text: &str) -> BTreeMap<String, String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| {
+                let (name, ty) = l.split_once(' ')?;
+                Some((name.to_string(), ty.to_string()))
+            })
+            .collect()
+    }
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    /// Exercises every method, so every family has at least one series.
+    fn exercised() -> Metrics {
+        let m = Metrics::new();
+        m.init_listener("smtp", true);
+        m.set_connection_limit(100);
+        m.connection_accepted("smtp");
+        m.connection_refused("smtp", ConnectionRefusal::MaxConnectionsPerIp);
+        let active = m.connection_opened("smtp");
+        m.early_talker("smtp");
+        m.tls_handshake_failed("smtp", TlsFailure::Timeout);
+        m.session_closed("smtp", "TLSv1.3", "quit");
+        m.auth_succeeded(Mechanism::Ntlm);
+        m.auth_failed(Mechanism::Plain, &AuthFailure::Refused("bad_credentials"));
+        m.auth_failed(Mechanism::Login, &AuthFailure::LockedOut);
+        m.relay_decision(None, "local");
+        m.relay_decision(Some("staff"), "relay_denied");
+        m.rate_limited("rcpt", None);
+        m.message_forwarded(5000, 3);
+        m.message_refused(DataViolation::BareLf);
+        m.backend_transaction(BackendResult::Delivered);
+        m.backend_stage_latency("data_done", Duration::from_millis(12));
+        m.backend_up("127.0.0.1:25", true);
+        m.backend_pool_idle(2);
+        m.reload(ReloadKind::Policy, false);
+        m.audit_record("written");
+        drop(active);
+        m
+    }
+
+    #[test]
+    fn every_family_renders_with_help_and_type() {
+        let text = exercised().render();
+        let fams = families(&text);
+        let expected = [
+            ("relayguard_build_info", "gauge"),
+            ("relayguard_connections_accepted_total", "counter"),
+            ("relayguard_connections_refused_total", "counter"),
+            ("relayguard_connections_active", "gauge"),
+            ("relayguard_connections_max", "gauge"),
+            ("relayguard_sessions_total", "counter"),
+            ("relayguard_tls_handshake_failures_total", "counter"),
+            ("relayguard_early_talkers_total", "counter"),
+            ("relayguard_auth_attempts_total", "counter"),
+            ("relayguard_relay_decisions_total", "counter"),
+            ("relayguard_rate_limited_total", "counter"),
+            ("relayguard_messages_forwarded_total", "counter"),
+            ("relayguard_recipients_forwarded_total", "counter"),
+            ("relayguard_message_size_bytes", "histogram"),
+            ("relayguard_messages_refused_total", "counter"),
+            ("relayguard_backend_transactions_total", "counter"),
+            ("relayguard_backend_stage_duration_seconds", "histogram"),
+            ("relayguard_backend_up", "gauge"),
+            ("relayguard_backend_pool_idle_connections", "gauge"),
+            ("relayguard_reloads_total", "counter"),
+            ("relayguard_audit_records_total", "counter"),
+        ];
+        let expected: BTreeMap<String, String> = expected
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect();
+        assert_eq!(fams, expected, "{text}");
+        for name in expected.keys() {
+            assert!(
+                text.contains(&format!("# HELP {name} ")),
+                "no HELP for {name}"
+            );
+        }
+    }
+
+    /// The rules `promtool check metrics` applies, plus ours.
+    #[test]
+    fn names_follow_prometheus_conventions() {
+        let text = exercised().render();
+        let name_ok = |n: &str| {
+            n.starts_with("relayguard_")
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        for (name, ty) in families(&text) {
+            assert!(name_ok(&name), "{name}: relayguard_ prefix, snake_case");
+            match ty.as_str() {
+                "counter" => assert!(name.ends_with("_total"), "{name}: counters end in _total"),
+                _ => assert!(
+                    !name.ends_with("_total"),
+                    "{name}: only counters end in _total"
+                ),
+            }
+            if ty == "histogram" {
+                assert!(
+                    name.ends_with("_seconds") || name.ends_with("_bytes"),
+                    "{name}: histograms are in base units"
+                );
+            }
+            for bad in [
+                "_milliseconds",
+                "_ms",
+                "_kilobytes",
+                "_count",
+                "_sum",
+                "_bucket",
+            ] {
+                assert!(
+                    !name.ends_with(bad),
+                    "{name}: reserved suffix or non-base unit"
+                );
+            }
+        }
+        // Label names: snake_case, and never identities of people or hosts.
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some(labels) = line.split_once('{').map(|(_, l)| l) else {
+                continue;
+            };
+            for pair in labels.split("\",") {
+                let key = pair.split('=').next().unwrap().trim_start_matches(',');
+                assert!(
+                    ![
+                        "user",
+                        "client",
+                        "ip",
+                        "address",
+                        "sender",
+                        "recipient",
+                        "from",
+                        "to"
+                    ]
+                    .contains(&key),
+                    "unbounded label {key} in {line}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn values_and_labels_render() {
+        let m = exercised();
+        let text = m.render();
+        let version = env!("CARGO_PKG_VERSION");
+        let checks = [
+            (format!("relayguard_build_info{{version=\"{version}\"}}"), 1.0),
+            ("relayguard_connections_accepted_total{listener=\"smtp\"}".into(), 1.0),
+            (
+                "relayguard_connections_refused_total{listener=\"smtp\",reason=\"max_connections_per_ip\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_connections_refused_total{listener=\"smtp\",reason=\"max_connections\"}".into(),
+                0.0,
+            ),
+            ("relayguard_connections_active{listener=\"smtp\"}".into(), 0.0),
+            ("relayguard_connections_max".into(), 100.0),
+            (
+                "relayguard_sessions_total{end=\"quit\",listener=\"smtp\",tls=\"TLSv1.3\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_tls_handshake_failures_total{listener=\"smtp\",reason=\"timeout\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_auth_attempts_total{mechanism=\"NTLM\",result=\"success\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_auth_attempts_total{mechanism=\"PLAIN\",result=\"bad_credentials\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_auth_attempts_total{mechanism=\"LOGIN\",result=\"locked_out\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_relay_decisions_total{outcome=\"relay_denied\",rule=\"staff\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_relay_decisions_total{outcome=\"local\",rule=\"none\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_rate_limited_total{rule=\"global\",stage=\"rcpt\"}".into(),
+                1.0,
+            ),
+            ("relayguard_messages_forwarded_total".into(), 1.0),
+            ("relayguard_recipients_forwarded_total".into(), 3.0),
+            ("relayguard_message_size_bytes_sum".into(), 5000.0),
+            ("relayguard_message_size_bytes_bucket{le=\"4096\"}".into(), 0.0),
+            ("relayguard_message_size_bytes_bucket{le=\"16384\"}".into(), 1.0),
+            ("relayguard_messages_refused_total{reason=\"bare_lf\"}".into(), 1.0),
+            (
+                "relayguard_backend_transactions_total{result=\"delivered\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_backend_transactions_total{result=\"unavailable\"}".into(),
+                0.0,
+            ),
+            (
+                "relayguard_backend_stage_duration_seconds_count{stage=\"data_done\"}".into(),
+                1.0,
+            ),
+            ("relayguard_backend_up{server=\"127.0.0.1:25\"}".into(), 1.0),
+            ("relayguard_backend_pool_idle_connections".into(), 2.0),
+            (
+                "relayguard_reloads_total{kind=\"policy\",result=\"failure\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_reloads_total{kind=\"certificate\",result=\"success\"}".into(),
+                0.0,
+            ),
+        ];
+        for (series, value) in checks {
+            assert_eq!(sample(&text, &series), Some(value), "{series} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn active_connections_follow_the_guards() {
+        let m = Metrics::new();
+        let a = m.connection_opened("smtp");
+        let b = m.connection_opened("smtp");
+        let text = m.render();
+        assert_eq!(
+            sample(&text, "relayguard_connections_active{listener=\"smtp\"}"),
+            Some(2.0)
+        );
+        drop(a);
+        drop(b);
+        assert_eq!(
+            sample(
+                &m.render(),
+                "relayguard_connections_active{listener=\"smtp\"}"
+            ),
+            Some(0.0)
+        );
+    }
+
+    #[test]
+    fn reply_classes_map_to_results() {
+        use crate::smtp::reply::Reply;
+        assert_eq!(
+            BackendResult::of_reply(&Reply::multi(250, None, vec!["ok".into()])),
+            BackendResult::Delivered
+        );
+        assert_eq!(
+            BackendResult::of_reply(&Reply::multi(451, None, vec!["later".into()])),
+            BackendResult::Deferred
+        );
+        assert_eq!(
+            BackendResult::of_reply(&Reply::multi(554, None, vec!["no".into()])),
+            BackendResult::Rejected
+        );
+    }
+
+    #[test]
+    fn accepting_flag() {
+        let m = Metrics::new();
+        assert!(!m.is_accepting());
+        m.set_accepting(true);
+        assert!(m.is_accepting());
+    }
+}

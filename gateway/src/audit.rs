@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -141,11 +141,13 @@ pub struct AuditTls {
     pub cipher: String,
 }
 
-/// One audit record. Build it with [`AuditRecord::transaction`] and the
-/// setters; every setter is optional.
+/// One audit record. Build it with [`AuditRecord::transaction`] at MAIL
+/// FROM and the setters (every one optional), add recipients as they are
+/// decided, and hand it to [`AuditLog::record`] when the transaction is
+/// decided.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditRecord {
-    /// RFC 3339, UTC, milliseconds; set when the record is built.
+    /// When the transaction began (RFC 3339, UTC, milliseconds).
     pub time: String,
     pub event: &'static str,
     pub session: String,
@@ -168,8 +170,13 @@ pub struct AuditRecord {
     pub backend_reply: Option<String>,
     /// Message size in octets (dot-unstuffed), when DATA was received.
     pub size: Option<u64>,
-    /// From MAIL FROM to the decision.
+    /// From the start of the transaction to [`AuditLog::record`] (or as
+    /// set with [`AuditRecord::duration`]).
     pub duration_ms: u64,
+    #[serde(skip)]
+    started: Instant,
+    #[serde(skip)]
+    duration_set: bool,
 }
 
 /// The longest client-supplied string kept in a record; longer ones are
@@ -209,6 +216,8 @@ impl AuditRecord {
             backend_reply: None,
             size: None,
             duration_ms: 0,
+            started: Instant::now(),
+            duration_set: false,
         }
     }
 
@@ -238,12 +247,17 @@ impl AuditRecord {
     }
 
     pub fn recipient(mut self, address: &str, outcome: &'static str, rule: Option<&str>) -> Self {
+        self.add_recipient(address, outcome, rule);
+        self
+    }
+
+    /// Adds a recipient to a record kept in the transaction.
+    pub fn add_recipient(&mut self, address: &str, outcome: &'static str, rule: Option<&str>) {
         self.recipients.push(AuditRecipient {
             address: clip(address),
             outcome,
             rule: rule.map(clip),
         });
-        self
     }
 
     pub fn decision(mut self, decision: AuditDecision) -> Self {
@@ -271,8 +285,10 @@ impl AuditRecord {
         self
     }
 
+    /// Overrides the duration measured from [`AuditRecord::transaction`].
     pub fn duration(mut self, elapsed: Duration) -> Self {
         self.duration_ms = elapsed.as_millis().try_into().unwrap_or(u64::MAX);
+        self.duration_set = true;
         self
     }
 
@@ -356,11 +372,20 @@ impl AuditLog {
         self.tx.is_some()
     }
 
-    /// Queues one record. Drops (and counts) it when the queue is full.
-    pub fn record(&self, record: &AuditRecord) {
+    /// Queues one record (its duration ends now). Drops (and counts) it
+    /// when the queue is full.
+    pub fn record(&self, mut record: AuditRecord) {
         let Some(tx) = &self.tx else {
             return;
         };
+        if !record.duration_set {
+            record.duration_ms = record
+                .started
+                .elapsed()
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX);
+        }
         let mut line = record.to_json();
         line.push('\n');
         match tx.try_send(Msg::Line(line)) {
@@ -580,8 +605,8 @@ mod tests {
         let metrics = Arc::new(Metrics::new());
         let buf = Shared::default();
         let log = AuditLog::with_writer(Box::new(buf.clone()), 16, metrics.clone());
-        log.record(&sample());
-        log.record(&sample().decision(AuditDecision::RelayDenied));
+        log.record(sample());
+        log.record(sample().decision(AuditDecision::RelayDenied));
         assert!(log.flush(Duration::from_secs(5)));
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
@@ -603,7 +628,7 @@ mod tests {
         );
         let started = std::time::Instant::now();
         for _ in 0..200 {
-            log.record(&sample());
+            log.record(sample());
         }
         assert!(
             started.elapsed() < Duration::from_secs(2),
@@ -629,7 +654,7 @@ mod tests {
         };
         config.validate().unwrap();
         let log = AuditLog::open(&config, Arc::new(Metrics::new())).unwrap();
-        log.record(&sample());
+        log.record(sample());
         assert!(log.flush(Duration::from_secs(5)));
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(text.starts_with("earlier\n{\"time\":"), "{text}");

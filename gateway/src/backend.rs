@@ -592,7 +592,14 @@ impl Backend {
             pool_config: config.pool.clone(),
             pool: Mutex::new(VecDeque::new()),
             observer: Arc::new(Observer {
-                labels: config.servers.iter().map(|s| s.to_string()).collect(),
+                labels: config
+                    .servers
+                    .iter()
+                    .map(|s| {
+                        metrics.init_backend_server(&s.to_string());
+                        s.to_string()
+                    })
+                    .collect(),
                 health: Mutex::new(vec![Health::default(); config.servers.len()]),
                 metrics,
             }),

@@ -42,6 +42,11 @@ pub enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Relay policy tools.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCmd,
+    },
     /// Print the NT hash of a password for the users file. The password is
     /// read without echo from the terminal, or as one line from stdin.
     HashPassword,
@@ -56,6 +61,36 @@ pub enum Cmd {
         /// Print the embedded configuration and exit.
         #[arg(long)]
         print_config: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Show the decision for one envelope, the rule that matched and why
+    /// each earlier rule did not. Exit status 0 = allowed, 1 = denied.
+    Explain {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Authenticated user (`alice`, `DOMAIN\alice`); omit for an
+        /// unauthenticated client.
+        #[arg(long)]
+        user: Option<String>,
+        /// Client address.
+        #[arg(long)]
+        client: std::net::IpAddr,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+        /// Listener name (default: the first listener).
+        #[arg(long)]
+        listener: Option<String>,
+        /// Authentication mechanism (ntlm, plain, login).
+        #[arg(long, default_value = "ntlm")]
+        mechanism: String,
+        /// The session is over TLS.
+        #[arg(long)]
+        tls: bool,
     },
 }
 
@@ -89,6 +124,35 @@ pub fn main() -> ExitCode {
             Cmd::Run { config } => run(&config).await,
             Cmd::Check { config } => check(&config),
             Cmd::HashPassword => hash_password(),
+            Cmd::Policy {
+                command:
+                    PolicyCmd::Explain {
+                        config,
+                        user,
+                        client,
+                        from,
+                        to,
+                        listener,
+                        mechanism,
+                        tls,
+                    },
+            } => {
+                let allowed = explain(
+                    &config,
+                    user.as_deref(),
+                    client,
+                    &from,
+                    &to,
+                    listener,
+                    &mechanism,
+                    tls,
+                )
+                .await?;
+                if !allowed {
+                    std::process::exit(1);
+                }
+                Ok(())
+            }
             Cmd::Demo {
                 smtp,
                 metrics: _,
@@ -96,9 +160,10 @@ pub fn main() -> ExitCode {
             } => {
                 if print_config {
                     print!(
-                        "{}\n# ---- demo-users.yaml ----\n{}",
+                        "{}\n# ---- demo-users.yaml ----\n{}\n# ---- demo-policy.yaml ----\n{}",
                         demo::DEMO_CONFIG,
-                        demo::DEMO_USERS
+                        demo::DEMO_USERS,
+                        policy::relay::DEMO_POLICY
                     );
                     return Ok(());
                 }
@@ -151,8 +216,96 @@ fn check(path: &Path) -> anyhow::Result<()> {
     if let Some(ca) = &config.backend.ca_file {
         crate::tls::backend_client_config(Some(ca))?;
     }
-    println!("{}: configuration is valid", path.display());
+    let policy = crate::policy_source::load(&config).map_err(anyhow::Error::msg)?;
+    let warnings = policy.warnings();
+    for w in &warnings {
+        println!("warning: {w}");
+    }
+    println!(
+        "{}: configuration is valid{}",
+        path.display(),
+        if warnings.is_empty() {
+            ""
+        } else {
+            " (with warnings)"
+        }
+    );
     Ok(())
+}
+
+/// `relayguard policy explain`: who the user is comes from the identity
+/// source, exactly as at AUTH time.
+#[allow(clippy::too_many_arguments)]
+async fn explain(
+    path: &Path,
+    user: Option<&str>,
+    client: std::net::IpAddr,
+    from: &str,
+    to: &str,
+    listener: Option<String>,
+    mechanism: &str,
+    tls: bool,
+) -> anyhow::Result<bool> {
+    let config = Config::load(path)?;
+    let policy = crate::policy_source::load(&config).map_err(anyhow::Error::msg)?;
+    let listener = listener.unwrap_or_else(|| config.listeners[0].name.clone());
+    let mechanism = policy::relay::Mechanism::from_name(mechanism)
+        .ok_or_else(|| anyhow::anyhow!("unknown mechanism `{mechanism}`"))?;
+    let principal = match user {
+        None => None,
+        Some(login) => Some(lookup_principal(&config, login, mechanism).await?),
+    };
+    let ctx = policy::relay::Context {
+        principal: principal.as_ref(),
+        client_ip: client,
+        listener: &listener,
+        tls,
+    };
+    let explanation = policy.explain(&ctx, from, to);
+    print!("{explanation}");
+    Ok(explanation.is_allowed())
+}
+
+async fn lookup_principal(
+    config: &Config,
+    login: &str,
+    mechanism: policy::relay::Mechanism,
+) -> anyhow::Result<policy::relay::Principal> {
+    let auth = config
+        .auth
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("--user needs an `auth` section (no identity source)"))?;
+    let (domain, user) = match login.split_once('\\') {
+        Some((d, u)) => (d.to_string(), u.to_string()),
+        None => (auth.ntlm.netbios_domain.clone(), login.to_string()),
+    };
+    if let Some(path) = &auth.users_file {
+        use policy::identity::CredentialStore;
+        let users = policy::identity::UsersFile::load(path)?;
+        let a = users
+            .lookup(&domain, &user)
+            .ok_or_else(|| anyhow::anyhow!("no user `{domain}\\{user}` in {}", path.display()))?;
+        return Ok(policy::relay::Principal {
+            user: a.user,
+            domain: a.domain,
+            groups: a.groups,
+            mechanism,
+            addresses: a.mail,
+        });
+    }
+    let ad = auth
+        .active_directory
+        .as_ref()
+        .expect("validated: one source");
+    let dir = crate::auth::ad::ActiveDirectory::new(ad)?;
+    let e = dir.entry(&user).await?;
+    Ok(policy::relay::Principal {
+        user: e.account_name.clone(),
+        domain,
+        groups: e.groups.clone(),
+        mechanism,
+        addresses: e.addresses.clone(),
+    })
 }
 
 async fn run(path: &Path) -> anyhow::Result<()> {
@@ -175,6 +328,14 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         tracing::info!(listener = %name, address = %addr, "listening");
     }
     let shared = server.shared.clone();
+    for w in shared.policy.load().warnings() {
+        tracing::warn!(warning = %w, "policy warning");
+    }
+    crate::reload::spawn_policy_watcher(
+        shared.clone(),
+        path.clone(),
+        std::time::Duration::from_secs(2),
+    );
     tokio::spawn(signals(shared, path));
     server.run().await;
     Ok(())

@@ -31,6 +31,8 @@ pub enum ConfigError {
         field: String,
         message: String,
     },
+    #[error("{message}")]
+    Policy { message: String },
     #[error("{file}: field `{field}`: {message}")]
     Unlocated {
         file: String,
@@ -55,8 +57,16 @@ pub struct Config {
     pub smtp: SmtpConfig,
     #[serde(default)]
     pub limits: Limits,
+    /// The relay policy inline (see `policy::relay` for the language); or
+    /// `policy_file` for a file of its own, which is what hot reload
+    /// watches. Parsed by `policy_source`, not here.
     #[serde(default)]
-    pub policy: PolicyConfig,
+    pub policy: Option<serde_norway::Value>,
+    #[serde(default)]
+    pub policy_file: Option<PathBuf>,
+    /// Filled after parsing: where the policy text is.
+    #[serde(skip)]
+    pub policy_location: Option<crate::policy_source::PolicyLocation>,
     #[serde(default)]
     pub shutdown: ShutdownConfig,
     /// Authentication; without it AUTH is not offered at all.
@@ -354,15 +364,6 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {
-    /// Domains RelayGuard accepts mail for (inbound): exact names or
-    /// `*.example.test` for every subdomain.
-    #[serde(default)]
-    pub local_domains: Vec<String>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -389,6 +390,8 @@ impl Config {
         })?;
         let mut config = Config::from_yaml(&text, &file)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
+        // The policy is part of the configuration: a bad one stops here.
+        crate::policy_source::load(&config).map_err(|message| ConfigError::Policy { message })?;
         Ok(config)
     }
 
@@ -411,6 +414,37 @@ impl Config {
             }
         })?;
         config.validate(text, origin)?;
+        let mut config = config;
+        config.policy_location = match (&config.policy_file, &config.policy) {
+            (Some(path), None) => Some(crate::policy_source::PolicyLocation::File(path.clone())),
+            (None, Some(_)) => {
+                crate::policy_source::inline_section(text, "policy").map(|section| {
+                    crate::policy_source::PolicyLocation::Inline {
+                        origin: origin.to_string(),
+                        section,
+                    }
+                })
+            }
+            (None, None) => None,
+            (Some(_), Some(_)) => {
+                return Err(located(
+                    text,
+                    origin,
+                    "policy_file".into(),
+                    "policy_file",
+                    "set either `policy_file` or a `policy:` section, not both".into(),
+                ))
+            }
+        };
+        if config.policy_location.is_none() {
+            return Err(ConfigError::Unlocated {
+                file: origin.to_string(),
+                field: "policy".into(),
+                message:
+                    "a relay policy is required: `policy_file: FILE` or a `policy:` block section"
+                        .into(),
+            });
+        }
         Ok(config)
     }
 
@@ -441,6 +475,10 @@ impl Config {
             if let Some(u) = &mut auth.users_file {
                 fix(u);
             }
+        }
+        if let Some(p) = &mut self.policy_file {
+            fix(p);
+            self.policy_location = Some(crate::policy_source::PolicyLocation::File(p.clone()));
         }
     }
 
@@ -611,11 +649,6 @@ impl Config {
                 ));
             }
         }
-        for (i, d) in self.policy.local_domains.iter().enumerate() {
-            if let Err(e) = policy::relay::DomainPattern::parse(d) {
-                return Err(err(format!("policy.local_domains[{i}]"), d, e.to_string()));
-            }
-        }
         Ok(())
     }
 
@@ -663,7 +696,7 @@ fn located(text: &str, origin: &str, field: String, needle: &str, message: Strin
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\nbackend:\n  servers: [\"127.0.0.1:25\"]\n";
+    const MINIMAL: &str = "listeners:\n  - name: smtp\n    address: 127.0.0.1:2525\nbackend:\n  servers: [\"127.0.0.1:25\"]\npolicy:\n  local_domains: [example.test]\n";
 
     #[test]
     fn minimal_config_gets_defaults() {
@@ -725,10 +758,23 @@ mod tests {
     }
 
     #[test]
-    fn bad_local_domain_is_refused() {
-        let text = format!("{MINIMAL}policy:\n  local_domains: [\"exa mple.test\"]\n");
-        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+    fn bad_local_domain_is_refused_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        let text = MINIMAL.replace(
+            "local_domains: [example.test]",
+            "local_domains: [\"exa mple.test\"]",
+        );
+        std::fs::write(&path, text).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
         assert!(e.contains("policy.local_domains[0]"), "{e}");
-        assert!(e.starts_with("t.yaml:7:"), "{e}");
+        assert!(e.contains("c.yaml:7:"), "{e}");
+    }
+
+    #[test]
+    fn a_policy_is_required() {
+        let text = MINIMAL.replace("policy:\n  local_domains: [example.test]\n", "");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("relay policy is required"), "{e}");
     }
 }

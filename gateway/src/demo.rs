@@ -62,10 +62,9 @@ auth:
     window: 15m
     failure_delay: 1s
 
-policy:
-  # Mail to these domains is inbound and accepted from anyone; everything
-  # else is relaying, which nobody may do without a rule.
-  local_domains: [example.test]
+# Who may relay, as whom, from where, to where, how much: the separate
+# authorization check that MS02-011 skipped. Reloaded when it changes.
+policy_file: demo-policy.yaml
 "#;
 
 /// The demo's accounts: `DEMO\\alice` / `alice-pass` and `DEMO\\bob` /
@@ -101,9 +100,15 @@ pub fn demo_config(
     std::fs::write(dir.join("demo-cert.pem"), cert)?;
     std::fs::write(dir.join("demo-key.pem"), key)?;
     std::fs::write(dir.join("demo-users.yaml"), DEMO_USERS)?;
+    std::fs::write(dir.join("demo-policy.yaml"), policy::relay::DEMO_POLICY)?;
     let mut config = Config::from_yaml(DEMO_CONFIG, "<embedded demo config>")?;
     config.listeners[0].address = opts.smtp;
     config.backend.servers = vec![backend.to_string().parse().map_err(anyhow::Error::msg)?];
+    let policy_file = dir.join("demo-policy.yaml");
+    config.policy_location = Some(crate::policy_source::PolicyLocation::File(
+        policy_file.clone(),
+    ));
+    config.policy_file = Some(policy_file);
     if let Some(auth) = &mut config.auth {
         auth.users_file = Some(dir.join("demo-users.yaml"));
     }

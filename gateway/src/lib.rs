@@ -13,6 +13,7 @@ pub mod config;
 pub mod demo;
 pub mod http;
 pub mod metrics;
+pub mod policy_source;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod server;

@@ -41,6 +41,20 @@ const SIZE_BUCKETS: &[f64] = &[
     1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0,
 ];
 
+/// The `stage` values of `relayguard_backend_stage_duration_seconds`
+/// (`crate::backend::Stage::label()`, without `body`, which is not timed).
+const BACKEND_STAGES: [&str; 9] = [
+    "connect",
+    "greeting",
+    "ehlo",
+    "starttls",
+    "rset",
+    "mail",
+    "rcpt",
+    "data",
+    "data_done",
+];
+
 /// Why a connection was refused before its session started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnectionRefusal {
@@ -409,6 +423,24 @@ impl Metrics {
         for result in ["written", "dropped", "failed"] {
             m.audit_records.with_label_values(&[result]);
         }
+        for v in [
+            DataViolation::TooLarge,
+            DataViolation::LineTooLong,
+            DataViolation::BareLf,
+            DataViolation::BareCr,
+            DataViolation::Nul,
+        ] {
+            m.messages_refused.with_label_values(&[violation_label(v)]);
+        }
+        for outcome in ["local", "relay_denied"] {
+            m.relay_decisions.with_label_values(&["none", outcome]);
+        }
+        for stage in ["mail", "rcpt"] {
+            m.rate_limited.with_label_values(&[stage, "global"]);
+        }
+        for stage in BACKEND_STAGES {
+            m.backend_stage_duration.with_label_values(&[stage]);
+        }
         m
     }
 
@@ -446,6 +478,21 @@ impl Metrics {
                     .with_label_values(&[listener, f.label()]);
             }
         }
+    }
+
+    /// Zeroes the AUTH series of an offered mechanism (success and the
+    /// commonest failure), so the family exists before the first AUTH.
+    pub fn init_auth_mechanism(&self, mechanism: Mechanism) {
+        for result in ["success", "bad_credentials"] {
+            self.auth_attempts
+                .with_label_values(&[mechanism.name(), result]);
+        }
+    }
+
+    /// Zeroes `relayguard_backend_up` of a configured backend server: down
+    /// until a connection or probe says otherwise.
+    pub fn init_backend_server(&self, server: &str) {
+        self.backend_up.with_label_values(&[server]);
     }
 
     /// The configured connection limit (for saturation: active / max).

@@ -21,12 +21,14 @@ use crate::config::{Config, TlsMode};
 use crate::metrics::{ConnectionRefusal, Metrics, TlsFailure};
 use crate::session::{replies, Conversation, Outcome, Session};
 use crate::tls::{CertStore, TlsInfo};
-use policy::relay::RelayPolicy;
+use policy::relay::{Policy, RateLimiter};
 
 /// State shared by every session.
 pub struct Shared {
     pub config: Arc<Config>,
-    pub policy: ArcSwap<RelayPolicy>,
+    pub policy: ArcSwap<Policy>,
+    /// Rates and quotas across sessions (and across policy reloads).
+    pub rates: RateLimiter,
     pub backend: Arc<Backend>,
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     pub shutdown: CancellationToken,
@@ -70,8 +72,8 @@ pub enum StartError {
     BackendTls(crate::tls::TlsError),
     #[error("auth: {0}")]
     Auth(#[from] crate::auth::AuthSetupError),
-    #[error("policy: {0}")]
-    Policy(#[from] policy::relay::PatternError),
+    #[error("{0}")]
+    Policy(String),
     #[error("audit log: {0}")]
     Audit(std::io::Error),
 }
@@ -140,7 +142,7 @@ impl Server {
     /// listener. Nothing is accepted yet.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
         let config = Arc::new(config);
-        let policy = RelayPolicy::new(&config.policy.local_domains)?;
+        let policy = crate::policy_source::load(&config).map_err(StartError::Policy)?;
         let metrics = Arc::new(Metrics::new());
         metrics.set_connection_limit(config.limits.max_connections);
         let audit =
@@ -156,6 +158,9 @@ impl Server {
             }
             None => None,
         };
+        for m in auth.iter().flat_map(|a| a.mechanisms()) {
+            metrics.init_auth_mechanism(*m);
+        }
         let mut listeners = Vec::new();
         for l in &config.listeners {
             let certs = match (&l.certificate, &l.key, &config.tls) {
@@ -210,6 +215,10 @@ impl Server {
         let shared = Arc::new(Shared {
             listener_certs,
             config,
+            rates: RateLimiter::with_capacity(
+                100_000,
+                policy.longest_window().unwrap_or(Duration::from_secs(3600)),
+            ),
             policy: ArcSwap::from_pointee(policy),
             backend,
             auth,

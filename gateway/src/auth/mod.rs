@@ -178,11 +178,25 @@ pub struct Principal {
     pub addresses: Vec<String>,
     /// NTLM version, for logs (`v2`, or `v1` when allowed and weak).
     pub detail: Option<&'static str>,
+    /// The same principal as the relay policy sees it.
+    pub relay: policy::relay::Principal,
 }
 
 impl Principal {
     fn from_account(a: Account, mechanism: Mechanism, detail: Option<&'static str>) -> Self {
+        let relay = policy::relay::Principal {
+            user: a.user.clone(),
+            domain: a.domain.clone(),
+            groups: a.groups.clone(),
+            mechanism: match mechanism {
+                Mechanism::Ntlm => policy::relay::Mechanism::Ntlm,
+                Mechanism::Plain => policy::relay::Mechanism::Plain,
+                Mechanism::Login => policy::relay::Mechanism::Login,
+            },
+            addresses: a.mail.clone(),
+        };
         Principal {
+            relay,
             user: a.user,
             domain: a.domain,
             groups: a.groups,

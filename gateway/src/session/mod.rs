@@ -21,7 +21,7 @@ pub mod replies;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -31,12 +31,12 @@ use crate::auth::{AuthFailure, Mechanism, Principal};
 use crate::backend::{BackendError, Connection, MailArgs};
 use crate::config::{TlsMode, VrfyReply};
 use crate::server::{ListenerInfo, Shared};
-use crate::smtp::command::{self, Body, Command, Domain, MailParams, Path, ReversePath};
+use crate::smtp::command::{self, Body, Command, MailParams, Path, ReversePath};
 use crate::smtp::data::{DataReceiver, DataStatus};
 use crate::smtp::line::{LineError, LineReader};
-use crate::smtp::reply::Reply;
+use crate::smtp::reply::{EnhancedCode as E, Reply};
 use crate::tls::TlsInfo;
-use policy::relay::{Decision, RecipientDomain, RelayPolicy};
+use policy::relay::{Context, Policy, RcptDecision, SenderDecision};
 
 /// RFC 4954 §4: AUTH lines may carry up to 12288 octets of SASL data.
 const MAX_AUTH_LINE: usize = 12_288;
@@ -130,7 +130,10 @@ struct Transaction {
     from: ReversePath,
     params: MailParams,
     /// Fixed at MAIL: a policy reload never changes a transaction midway.
-    policy: Arc<RelayPolicy>,
+    policy: Arc<Policy>,
+    /// The smallest message size limit of the rules that accepted a
+    /// recipient (the global limit when none set one).
+    size_limit: u64,
     rcpt_attempts: usize,
     accepted: Vec<Path>,
     backend: Option<Connection>,
@@ -723,6 +726,40 @@ impl<S: Transport> Session<S> {
         Flow::Continue
     }
 
+    /// What the policy knows about this client.
+    fn policy_context(&self) -> Context<'_> {
+        Context {
+            principal: self.principal.as_deref().map(|p| &p.relay),
+            client_ip: self.conv.peer.ip(),
+            listener: &self.conv.listener.name,
+            tls: self.conv.tls.is_some(),
+        }
+    }
+
+    /// Logs and counts a policy refusal.
+    fn policy_refusal(
+        &mut self,
+        stage: &'static str,
+        rule: Option<&str>,
+        reason: &'static str,
+        from: &str,
+        to: &str,
+    ) {
+        tracing::info!(
+            session = %self.conv.id,
+            client = %self.conv.peer,
+            listener = %self.conv.listener.name,
+            user = self.principal.as_ref().map(|p| p.display()).unwrap_or_else(|| "-".into()),
+            from = %from,
+            to = %to,
+            stage,
+            rule = rule.unwrap_or("-"),
+            reason,
+            "policy refused"
+        );
+        self.conv.shared.metrics.relay_decision(rule, reason);
+    }
+
     fn mail(&mut self, from: ReversePath, params: MailParams) -> Flow {
         match self.state {
             State::Fresh => return self.error(replies::need_helo()),
@@ -734,12 +771,42 @@ impl<S: Transport> Session<S> {
             self.reply(replies::size_exceeded(max));
             return Flow::Continue;
         }
-        self.junk = 0;
         let policy = self.shared().policy.load_full();
+        let raw = match &from {
+            ReversePath::Null => String::new(),
+            ReversePath::Path(p) => p.raw.clone(),
+        };
+        let decision = policy.check_sender(
+            &self.policy_context(),
+            &raw,
+            SystemTime::now(),
+            &self.conv.shared.rates,
+        );
+        match &decision {
+            SenderDecision::Accept => {}
+            SenderDecision::Deny { rule, reason, .. } => {
+                self.policy_refusal("mail", rule.as_deref(), reason, &raw, "-");
+                let (code, e, text) = decision.reply();
+                self.reply(Reply::new(code, E(e.0, e.1, e.2), text));
+                return Flow::Continue;
+            }
+            SenderDecision::RateLimited { rule, .. } => {
+                self.policy_refusal("mail", rule.as_deref(), "rate_limited", &raw, "-");
+                self.conv
+                    .shared
+                    .metrics
+                    .rate_limited("mail", rule.as_deref());
+                let (code, e, text) = decision.reply();
+                self.reply(Reply::new(code, E(e.0, e.1, e.2), text));
+                return Flow::Continue;
+            }
+        }
+        self.junk = 0;
         self.state = State::Transaction(Box::new(Transaction {
             from,
             params,
             policy,
+            size_limit: max,
             rcpt_attempts: 0,
             accepted: Vec::new(),
             backend: None,
@@ -752,38 +819,72 @@ impl<S: Transport> Session<S> {
 
     async fn rcpt(&mut self, to: Path) -> Flow {
         let max_rcpts = self.shared().config.limits.max_recipients;
+        let (policy, from, accepted) = match &mut self.state {
+            State::Transaction(tx) => {
+                if tx.rcpt_attempts >= max_rcpts {
+                    self.reply(replies::too_many_recipients());
+                    return Flow::Continue;
+                }
+                tx.rcpt_attempts += 1;
+                (
+                    tx.policy.clone(),
+                    tx.sender().to_string(),
+                    tx.accepted.len(),
+                )
+            }
+            State::Fresh => return self.error(replies::need_helo()),
+            State::Ready => return self.error(replies::need_mail()),
+        };
+        let decision = policy.check_recipient(
+            &self.policy_context(),
+            &from,
+            &to.raw,
+            accepted,
+            SystemTime::now(),
+            &self.conv.shared.rates,
+        );
+        let rule_limit = match &decision {
+            RcptDecision::AcceptLocal { .. } => None,
+            RcptDecision::AcceptRelay {
+                rule,
+                max_message_size,
+                ..
+            } => {
+                tracing::debug!(session = %self.conv.id, to = %to.raw, rule = %rule, "relay allowed");
+                self.conv
+                    .shared
+                    .metrics
+                    .relay_decision(Some(rule), "allowed");
+                *max_message_size
+            }
+            RcptDecision::Deny { rule, reason, .. } => {
+                self.policy_refusal("rcpt", rule.as_deref(), reason, &from, &to.raw);
+                if let State::Transaction(tx) = &mut self.state {
+                    tx.refused += 1;
+                }
+                let (code, e, text) = decision.reply();
+                self.reply(Reply::new(code, E(e.0, e.1, e.2), text));
+                return Flow::Continue;
+            }
+            RcptDecision::RateLimited { rule, .. } => {
+                self.policy_refusal("rcpt", rule.as_deref(), "rate_limited", &from, &to.raw);
+                self.conv
+                    .shared
+                    .metrics
+                    .rate_limited("rcpt", rule.as_deref());
+                if let State::Transaction(tx) = &mut self.state {
+                    tx.refused += 1;
+                }
+                let (code, e, text) = decision.reply();
+                self.reply(Reply::new(code, E(e.0, e.1, e.2), text));
+                return Flow::Continue;
+            }
+        };
         let State::Transaction(tx) = &mut self.state else {
-            let r = if matches!(self.state, State::Fresh) {
-                replies::need_helo()
-            } else {
-                replies::need_mail()
-            };
-            return self.error(r);
-        };
-        if tx.rcpt_attempts >= max_rcpts {
-            self.reply(replies::too_many_recipients());
             return Flow::Continue;
-        }
-        tx.rcpt_attempts += 1;
-        let domain = match &to.mailbox.domain {
-            Domain::Name(d) if d.is_empty() => RecipientDomain::Postmaster,
-            Domain::Name(d) => RecipientDomain::Name(d),
-            Domain::AddressLiteral(a) => RecipientDomain::AddressLiteral(a),
         };
-        let decision = tx.policy.check_recipient(domain);
-        if let Decision::DenyRelay { reason } = &decision {
-            tx.refused += 1;
-            tracing::info!(
-                session = %self.conv.id,
-                client = %self.conv.peer,
-                from = %tx.sender(),
-                to = %to.raw,
-                decision = decision.label(),
-                reason = *reason,
-                "recipient refused"
-            );
-            self.reply(replies::relay_denied());
-            return Flow::Continue;
+        if let Some(limit) = rule_limit {
+            tx.size_limit = tx.size_limit.min(limit);
         }
         if let Some(refusal) = &tx.mail_refused {
             let r = replies::mirror(refusal, (1, 0));
@@ -869,7 +970,7 @@ impl<S: Transport> Session<S> {
             return Ok(());
         };
         let started = Instant::now();
-        let mut receiver = DataReceiver::new(limits.max_line_length, limits.max_message_size);
+        let mut receiver = DataReceiver::new(limits.max_line_length, tx.size_limit);
         let authenticated = self.principal.as_ref().map(|p| p.display());
         let header = received::Trace {
             helo: self.conv.helo.as_deref().unwrap_or("unknown"),
@@ -911,7 +1012,7 @@ impl<S: Transport> Session<S> {
         let (reply, outcome) = if let Some(v) = receiver.violation() {
             drop(conn);
             (
-                replies::data_violation(v, limits.max_message_size, limits.max_line_length),
+                replies::data_violation(v, tx.size_limit, limits.max_line_length),
                 format!("refused={v:?}"),
             )
         } else if let Some(e) = backend_error {

@@ -155,7 +155,7 @@ pub fn main() -> ExitCode {
             }
             Cmd::Demo {
                 smtp,
-                metrics: _,
+                metrics,
                 print_config,
             } => {
                 if print_config {
@@ -167,7 +167,7 @@ pub fn main() -> ExitCode {
                     );
                     return Ok(());
                 }
-                run_demo(smtp).await
+                run_demo(smtp, metrics).await
             }
         }
     });
@@ -313,17 +313,26 @@ async fn run(path: &Path) -> anyhow::Result<()> {
     serve(config, Some(path.to_path_buf())).await
 }
 
-async fn run_demo(smtp: SocketAddr) -> anyhow::Result<()> {
+async fn run_demo(smtp: SocketAddr, metrics: SocketAddr) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let backend = demo::start_capture_backend().await?;
-    let config = demo::demo_config(&demo::DemoOptions { smtp }, backend, dir.path())?;
+    let mut config = demo::demo_config(&demo::DemoOptions { smtp }, backend, dir.path())?;
+    config.metrics = Some(crate::http::MetricsConfig {
+        address: metrics,
+        ..Default::default()
+    });
     println!("RelayGuard demo: SMTP on {smtp} (STARTTLS with a self-signed certificate), local domain example.test");
     println!("capture backend on {backend}: one line per delivered message below");
     serve(config, None).await
 }
 
 async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+    let metrics_config = config.metrics.clone();
     let server = Server::bind(config).await?;
+    let metrics_listener = match &metrics_config {
+        Some(m) => Some(crate::http::bind(m).await?),
+        None => None,
+    };
     for (name, addr) in server.local_addrs() {
         tracing::info!(listener = %name, address = %addr, "listening");
     }
@@ -336,8 +345,22 @@ async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
         path.clone(),
         std::time::Duration::from_secs(2),
     );
-    tokio::spawn(signals(shared, path));
+    // Metrics stay up while the SMTP side drains; /readyz says 503 then.
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    if let (Some(m), Some(listener)) = (metrics_config, metrics_listener) {
+        tokio::spawn(crate::http::serve(
+            listener,
+            shared.clone(),
+            m,
+            http_stop.clone(),
+        ));
+    }
+    tokio::spawn(signals(shared.clone(), path));
     server.run().await;
+    http_stop.cancel();
+    let _ =
+        tokio::task::spawn_blocking(move || shared.audit.flush(std::time::Duration::from_secs(2)))
+            .await;
     Ok(())
 }
 

@@ -72,6 +72,12 @@ pub struct Config {
     /// Authentication; without it AUTH is not offered at all.
     #[serde(default)]
     pub auth: Option<crate::auth::AuthConfig>,
+    /// `/metrics`, `/healthz`, `/readyz`; without it no HTTP listener.
+    #[serde(default)]
+    pub metrics: Option<crate::http::MetricsConfig>,
+    /// The audit log (default: JSON lines on stdout).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 fn default_hostname() -> String {
@@ -471,6 +477,9 @@ impl Config {
         if let Some(ca) = &mut self.backend.ca_file {
             fix(ca);
         }
+        if let Some(p) = &mut self.audit.path {
+            fix(p);
+        }
         if let Some(auth) = &mut self.auth {
             if let Some(u) = &mut auth.users_file {
                 fix(u);
@@ -492,6 +501,13 @@ impl Config {
                 "listeners",
                 "at least one listener is required".into(),
             ));
+        }
+        if let Some(Err((field, message))) = self.metrics.as_ref().map(|m| m.validate()) {
+            let needle = field.rsplit('.').next().unwrap_or("metrics");
+            return Err(err(field.into(), needle, message));
+        }
+        if let Err((field, message)) = self.audit.validate() {
+            return Err(err(field.into(), "audit", message));
         }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();

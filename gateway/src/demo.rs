@@ -62,6 +62,16 @@ auth:
     window: 15m
     failure_delay: 1s
 
+# Prometheus metrics, /healthz and /readyz (`--metrics ADDR` moves it).
+metrics:
+  address: 127.0.0.1:9100
+
+# One JSON record per transaction decision, for a SIEM: `stdout` or
+# `file` (with `path`). The demo keeps standard output for the capture
+# backend's lines.
+audit:
+  sink: none
+
 # Who may relay, as whom, from where, to where, how much: the separate
 # authorization check that MS02-011 skipped. Reloaded when it changes.
 policy_file: demo-policy.yaml

@@ -323,8 +323,8 @@ impl Metrics {
             relay_decisions: counter_vec(
                 &r,
                 "relayguard_relay_decisions_total",
-                "Policy decisions on recipients, by the rule that decided (none if no rule did) and the outcome (local, relay, or the refusal reason).",
-                &["rule", "outcome"],
+                "Relay policy decisions (MAIL and RCPT), by the rule that decided (none if no rule did), accept or deny, and the reason (local, relay, or the refusal reason).",
+                &["rule", "decision", "reason"],
             ),
             rate_limited: counter_vec(
                 &r,
@@ -432,9 +432,10 @@ impl Metrics {
         ] {
             m.messages_refused.with_label_values(&[violation_label(v)]);
         }
-        for outcome in ["local", "relay_denied"] {
-            m.relay_decisions.with_label_values(&["none", outcome]);
-        }
+        m.relay_decisions
+            .with_label_values(&["none", "accept", "local"]);
+        m.relay_decisions
+            .with_label_values(&["none", "deny", "relay_denied"]);
         for stage in ["mail", "rcpt"] {
             m.rate_limited.with_label_values(&[stage, "global"]);
         }
@@ -570,15 +571,40 @@ impl Metrics {
 
     // ---- policy ----
 
-    /// A recipient decision: `RcptDecision::rule()` (the configured rule
-    /// or trusted network that decided; `none` when no rule did) and
-    /// `RcptDecision::label()` (`local`, `relay`, `relay_denied`,
-    /// `relay_not_permitted`, `address_literal`, `auth_required`,
-    /// `sender_mismatch`, `rate_limited`, …). Never pass an address here.
-    pub fn relay_decision(&self, rule: Option<&str>, outcome: &'static str) {
+    /// A recipient at a local domain: accepted without consulting rules.
+    pub fn relay_local(&self) {
         self.relay_decisions
-            .with_label_values(&[rule.unwrap_or("none"), outcome])
+            .with_label_values(&["none", "accept", "local"])
             .inc();
+    }
+
+    /// Relaying allowed by `rule` (a configured rule or trusted network).
+    pub fn relay_allowed(&self, rule: &str) {
+        self.relay_decisions
+            .with_label_values(&[rule, "accept", "relay"])
+            .inc();
+    }
+
+    /// The policy refused a sender or recipient: `rule` is the rule that
+    /// decided (`None` when no rule did), `reason` the decision's bounded
+    /// label (`relay_denied`, `relay_not_permitted`, `address_literal`,
+    /// `auth_required`, `sender_mismatch`, `null_sender`, `rate_limited`,
+    /// …). Never pass an address here.
+    pub fn relay_denied(&self, rule: Option<&str>, reason: &'static str) {
+        self.relay_decisions
+            .with_label_values(&[rule.unwrap_or("none"), "deny", reason])
+            .inc();
+    }
+
+    /// The general form of the three above: `outcome` `local`, `relay` (or
+    /// `allowed`) counts as an acceptance, anything else as a refusal with
+    /// that reason.
+    pub fn relay_decision(&self, rule: Option<&str>, outcome: &'static str) {
+        match outcome {
+            "local" => self.relay_local(),
+            "relay" | "allowed" => self.relay_allowed(rule.unwrap_or("none")),
+            reason => self.relay_denied(rule, reason),
+        }
     }
 
     /// A rate limit refused a command at `stage` (`mail`, `rcpt`); `rule`
@@ -691,8 +717,11 @@ mod tests {
         m.auth_succeeded(Mechanism::Ntlm);
         m.auth_failed(Mechanism::Plain, &AuthFailure::Refused("bad_credentials"));
         m.auth_failed(Mechanism::Login, &AuthFailure::LockedOut);
-        m.relay_decision(None, "local");
-        m.relay_decision(Some("staff"), "relay_denied");
+        m.relay_local();
+        m.relay_allowed("staff");
+        m.relay_denied(Some("staff"), "sender_mismatch");
+        m.relay_decision(None, "relay_denied");
+        m.relay_decision(Some("partners"), "allowed");
         m.rate_limited("rcpt", None);
         m.message_forwarded(5000, 3);
         m.message_refused(DataViolation::BareLf);
@@ -848,11 +877,23 @@ mod tests {
                 1.0,
             ),
             (
-                "relayguard_relay_decisions_total{outcome=\"relay_denied\",rule=\"staff\"}".into(),
+                "relayguard_relay_decisions_total{decision=\"deny\",reason=\"sender_mismatch\",rule=\"staff\"}".into(),
                 1.0,
             ),
             (
-                "relayguard_relay_decisions_total{outcome=\"local\",rule=\"none\"}".into(),
+                "relayguard_relay_decisions_total{decision=\"deny\",reason=\"relay_denied\",rule=\"none\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_relay_decisions_total{decision=\"accept\",reason=\"local\",rule=\"none\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_relay_decisions_total{decision=\"accept\",reason=\"relay\",rule=\"staff\"}".into(),
+                1.0,
+            ),
+            (
+                "relayguard_relay_decisions_total{decision=\"accept\",reason=\"relay\",rule=\"partners\"}".into(),
                 1.0,
             ),
             (
@@ -937,5 +978,204 @@ mod tests {
         assert!(!m.is_accepting());
         m.set_accepting(true);
         assert!(m.is_accepting());
+    }
+}
+
+/// The backend client's instrumentation, against a scripted backend.
+#[cfg(test)]
+mod backend_tests {
+    use super::*;
+    use crate::backend::{Backend, MailArgs};
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// What the scripted backend does after its 354.
+    #[derive(Clone, Copy)]
+    enum AfterData {
+        Reply(&'static str),
+        Hangup,
+    }
+
+    async fn backend(after: AfterData) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut lines = BufReader::new(r).lines();
+                    let _ = w.write_all(b"220 fake\r\n").await;
+                    let mut in_data = false;
+                    while let Ok(Some(line)) = lines.next_line().await {
+                        let reply = if in_data {
+                            if line != "." {
+                                continue;
+                            }
+                            in_data = false;
+                            match after {
+                                AfterData::Reply(r) => r,
+                                AfterData::Hangup => return,
+                            }
+                        } else {
+                            match line.get(..4).unwrap_or("") {
+                                "DATA" => {
+                                    in_data = true;
+                                    "354 go"
+                                }
+                                "QUIT" => {
+                                    let _ = w.write_all(b"221 bye\r\n").await;
+                                    return;
+                                }
+                                _ => "250 ok",
+                            }
+                        };
+                        if w.write_all(format!("{reply}\r\n").as_bytes())
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn client(servers: &[SocketAddr], metrics: Arc<Metrics>) -> Arc<Backend> {
+        let list: Vec<String> = servers.iter().map(|s| format!("\"{s}\"")).collect();
+        let yaml = format!(
+            "servers: [{}]\ntimeouts:\n  connect: 2s\n  data_done: 2s\n",
+            list.join(", ")
+        );
+        let config: crate::config::BackendConfig = serde_norway::from_str(&yaml).unwrap();
+        Backend::new(&config, "relay.test", metrics).unwrap()
+    }
+
+    fn value(m: &Metrics, series: &str) -> f64 {
+        let text = m.render();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    }
+
+    fn result(m: &Metrics, r: BackendResult) -> f64 {
+        value(
+            m,
+            &format!(
+                "relayguard_backend_transactions_total{{result=\"{}\"}}",
+                r.label()
+            ),
+        )
+    }
+
+    const ARGS: MailArgs<'static> = MailArgs {
+        path: "a@client.test",
+        size: None,
+        eight_bit: false,
+    };
+
+    /// MAIL, RCPT, DATA; the body is streamed by the caller.
+    async fn to_data(backend: &Backend) -> crate::backend::Connection {
+        let mut conn = backend.connect_any().await.unwrap();
+        let begun = conn.begin(&ARGS, "x@example.test").await.unwrap();
+        assert!(begun.mail.is_positive());
+        assert_eq!(conn.data().await.unwrap().code, 354);
+        conn.body(b"Subject: t\r\n\r\nhi\r\n").await.unwrap();
+        conn
+    }
+
+    #[tokio::test]
+    async fn transaction_results_stages_and_health() {
+        let ok = backend(AfterData::Reply("250 queued")).await;
+        let refuses = backend(AfterData::Reply("554 no")).await;
+        let defers = backend(AfterData::Reply("451 later")).await;
+        let hangs_up = backend(AfterData::Hangup).await;
+
+        let m = Arc::new(Metrics::new());
+        let b = client(&[ok], m.clone());
+        let up = format!("relayguard_backend_up{{server=\"{ok}\"}}");
+        assert_eq!(value(&m, &up), 0.0, "down until proven up");
+        let mut conn = to_data(&b).await;
+        assert!(conn.finish().await.unwrap().is_positive());
+        assert_eq!(result(&m, BackendResult::Delivered), 1.0);
+        assert_eq!(value(&m, &up), 1.0);
+        for stage in [
+            "connect",
+            "greeting",
+            "ehlo",
+            "mail",
+            "rcpt",
+            "data",
+            "data_done",
+        ] {
+            let count =
+                format!("relayguard_backend_stage_duration_seconds_count{{stage=\"{stage}\"}}");
+            assert_eq!(value(&m, &count), 1.0, "{stage}");
+        }
+        // The same connection again (RSET first): counted once more.
+        let begun = conn.begin(&ARGS, "y@example.test").await.unwrap();
+        assert!(begun.mail.is_positive());
+        assert_eq!(conn.data().await.unwrap().code, 354);
+        conn.body(b"x\r\n").await.unwrap();
+        conn.finish().await.unwrap();
+        assert_eq!(result(&m, BackendResult::Delivered), 2.0);
+        // Dropped between 354 and the final dot: aborted.
+        drop(to_data(&b).await);
+        assert_eq!(result(&m, BackendResult::Aborted), 1.0);
+
+        for (addr, want) in [
+            (refuses, BackendResult::Rejected),
+            (defers, BackendResult::Deferred),
+        ] {
+            let m = Arc::new(Metrics::new());
+            let b = client(&[addr], m.clone());
+            let mut conn = to_data(&b).await;
+            conn.finish().await.unwrap();
+            assert_eq!(result(&m, want), 1.0, "{}", want.label());
+            // Not delivered, and not counted twice when dropped.
+            drop(conn);
+            assert_eq!(result(&m, BackendResult::Aborted), 0.0);
+        }
+
+        let m = Arc::new(Metrics::new());
+        let b = client(&[hangs_up], m.clone());
+        let mut conn = to_data(&b).await;
+        assert!(conn.finish().await.is_err());
+        drop(conn);
+        assert_eq!(result(&m, BackendResult::Failed), 1.0);
+        assert_eq!(result(&m, BackendResult::Aborted), 0.0);
+    }
+
+    #[tokio::test]
+    async fn unreachable_backends_are_down_and_transactions_unavailable() {
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            l.local_addr().unwrap()
+        };
+        let ok = backend(AfterData::Reply("250 queued")).await;
+        let m = Arc::new(Metrics::new());
+        let b = client(&[closed, ok], m.clone());
+        // Failover: the first is down, the second serves.
+        let conn = b.connect_any().await.unwrap();
+        assert_eq!(conn.server(), ok.to_string());
+        let down = format!("relayguard_backend_up{{server=\"{closed}\"}}");
+        let up = format!("relayguard_backend_up{{server=\"{ok}\"}}");
+        assert_eq!(value(&m, &down), 0.0);
+        assert_eq!(value(&m, &up), 1.0);
+        assert!(b.reachable(Duration::from_secs(5)));
+        // The probe checks both; one is up.
+        assert_eq!(b.probe_all(Duration::ZERO).await, 1);
+
+        let m = Arc::new(Metrics::new());
+        let b = client(&[closed], m.clone());
+        assert!(b.connect_any().await.is_err());
+        assert_eq!(result(&m, BackendResult::Unavailable), 1.0);
+        assert_eq!(b.probe_all(Duration::ZERO).await, 0);
+        assert!(!b.reachable(Duration::from_secs(5)));
+        // A probe is not a transaction.
+        assert_eq!(result(&m, BackendResult::Unavailable), 1.0);
     }
 }

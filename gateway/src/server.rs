@@ -145,9 +145,8 @@ impl Server {
         let policy = crate::policy_source::load(&config).map_err(StartError::Policy)?;
         let metrics = Arc::new(Metrics::new());
         metrics.set_connection_limit(config.limits.max_connections);
-        let audit =
-            crate::audit::AuditLog::open(&crate::audit::AuditConfig::default(), metrics.clone())
-                .map_err(StartError::Audit)?;
+        let audit = crate::audit::AuditLog::open(&config.audit, metrics.clone())
+            .map_err(StartError::Audit)?;
         let backend = Backend::new(&config.backend, config.helo_name(), metrics.clone())
             .map_err(StartError::BackendTls)?;
         let auth = match &config.auth {

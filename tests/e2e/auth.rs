@@ -5,6 +5,14 @@
 //! relaying needs a rule, whoever asks) and a message to a local
 //! recipient, whose Received header must show an unauthenticated session.
 //! The sink's exact message count shows that nothing else got through.
+//!
+//! The scenarios that do not depend on where accounts come from are in
+//! [`scenarios`], one function per scenario taking the identity source:
+//! this module runs them against the users file, `auth_ad` against the
+//! Samba AD DC. The tests below them are about the users file itself or
+//! about what happens before any account is looked up.
+
+pub(crate) mod scenarios;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -12,9 +20,10 @@ use std::process::Output;
 use std::time::{Duration, Instant};
 
 use relayguard_e2e::ntlm::{self, av_id, impacket, AvPair, ClientMode, ClientOptions};
+use relayguard_e2e::IdentitySource::{self, UsersFile};
 use relayguard_e2e::{
-    curl, nmap, pem_to_der, run_hash_password, swaks, test_cert, write_file, write_users_file,
-    Account, Client, Config, Gateway, Sink, ALICE, BOB, TIMEOUT,
+    curl, nmap, pem_to_der, run_hash_password, swaks, test_cert, wait_until, write_file,
+    write_users_file, Account, Client, Config, Gateway, Sink, ALICE, BOB, TIMEOUT,
 };
 
 use crate::{barrier, HOST};
@@ -26,29 +35,29 @@ const CAROL: Account = Account {
     password: "carol-pass",
 };
 
-/// How the gateway's Received header names DEMO\alice: the backslash is a
-/// quoted-pair inside the comment.
-const ALICE_IN_RECEIVED: &str = "(authenticated as DEMO\\\\alice)";
-
 /// A second client machine, for the per-address lockouts.
 const OTHER_CLIENT: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// A gateway with AUTH in front of smtp-sink: listener `smtp` offers
 /// STARTTLS and accepts AUTH NTLM before it, `smtps` is implicit TLS;
-/// the users file holds alice and bob.
-struct Fixture {
+/// the accounts come from `source` ([`Config::auth_for`]).
+pub(crate) struct Fixture {
+    source: IdentitySource,
     sink: Sink,
-    gw: Gateway,
+    pub(crate) gw: Gateway,
     /// The gateway's certificate (DER), for channel bindings.
     cert_der: Vec<u8>,
 }
 
+/// [`start_with`] the users file: alice and bob, disabled dave.
 fn start(tweak: impl FnOnce(Config) -> Config) -> Fixture {
+    start_with(UsersFile, tweak)
+}
+
+pub(crate) fn start_with(source: IdentitySource, tweak: impl FnOnce(Config) -> Config) -> Fixture {
     let sink = Sink::start(&[]);
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, pem) = test_cert(dir.path());
-    let users = dir.path().join("users.yaml");
-    write_users_file(&users, &[ALICE, BOB]);
     let config = Config::new(&[sink.addr()])
         .tls(&cert, &key)
         .listener(
@@ -56,9 +65,10 @@ fn start(tweak: impl FnOnce(Config) -> Config) -> Fixture {
             &[("tls", "starttls"), ("require_tls_for_auth", "false")],
         )
         .listener("smtps", &[("tls", "implicit")])
-        .auth(&users);
+        .auth_for(source, dir.path());
     let gw = Gateway::start_in(dir, &tweak(config).yaml());
     Fixture {
+        source,
         sink,
         gw,
         cert_der: pem_to_der(&pem),
@@ -71,12 +81,12 @@ impl Fixture {
     }
 
     /// Greeted on `smtp`, no TLS.
-    fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         Client::greeted(self.smtp())
     }
 
     /// Greeted on `smtp`, after STARTTLS and a second EHLO.
-    fn tls_client(&self) -> Client {
+    pub(crate) fn tls_client(&self) -> Client {
         let mut c = Client::greeted(self.smtp());
         c.starttls("localhost");
         c.ehlo("client.test").expect("250");
@@ -101,9 +111,23 @@ impl Fixture {
             .wait_for_event("authentication failed", TIMEOUT, |v| v["reason"] == reason);
     }
 
+    /// The `reason` labels of every failed AUTH the gateway logged so far
+    /// are exactly `reasons`, in order (waits for that many).
+    pub(crate) fn assert_failures_logged(&self, reasons: &[&str]) {
+        let logged = || -> Vec<String> {
+            self.gw
+                .log_events("authentication failed")
+                .iter()
+                .map(|v| v["reason"].as_str().unwrap_or("?").to_string())
+                .collect()
+        };
+        wait_until(TIMEOUT, || logged().len() >= reasons.len());
+        assert_eq!(logged(), reasons, "logs:\n{}", self.gw.logs().join("\n"));
+    }
+
     /// The gateway's Received header of the message tagged `tag`, once the
     /// sink holds exactly `total` messages.
-    fn received(&self, total: usize, tag: &str) -> String {
+    pub(crate) fn received(&self, total: usize, tag: &str) -> String {
         let msgs = self.sink.wait_for_messages(total, TIMEOUT);
         let m = msgs
             .iter()
@@ -116,11 +140,34 @@ impl Fixture {
         );
         m.first_received().expect("a Received header")
     }
+
+    /// `DOMAIN\alice` as the gateway names her (logs).
+    fn alice_display(&self) -> String {
+        format!(
+            "{}\\{}",
+            self.source.netbios_domain(),
+            self.source.alice().user
+        )
+    }
+
+    /// The session was alice's, and `protocol` (RFC 3848) says so. In the
+    /// Received header the backslash is a quoted-pair inside the comment.
+    fn assert_authenticated(&self, received: &str, protocol: &str) {
+        let who = self.alice_display().replace('\\', "\\\\");
+        assert!(
+            received.contains(&format!("(authenticated as {who})")),
+            "{received}"
+        );
+        assert!(
+            received.contains(&format!("by {HOST} (RelayGuard) with {protocol} id ")),
+            "{received}"
+        );
+    }
 }
 
 /// After an AUTH attempt: relaying is refused, and a message to a local
 /// recipient is accepted, tagged with `tag` as its sender's local part.
-fn probe(c: &mut Client, tag: &str) {
+pub(crate) fn probe(c: &mut Client, tag: &str) {
     c.mail(&format!("{tag}@client.test")).expect("250 2.1.0");
     c.rcpt("victim@ext.test").expect("550 5.7.1");
     c.rcpt("x@example.test").expect("250");
@@ -129,7 +176,7 @@ fn probe(c: &mut Client, tag: &str) {
     c.send("QUIT").expect("221");
 }
 
-fn assert_unauthenticated(received: &str) {
+pub(crate) fn assert_unauthenticated(received: &str) {
     assert!(
         !received.contains("authenticated")
             && !received.contains("ESMTPA ")
@@ -139,15 +186,6 @@ fn assert_unauthenticated(received: &str) {
     assert!(
         received.contains(&format!("by {HOST} (RelayGuard) with ESMTP id "))
             || received.contains(&format!("by {HOST} (RelayGuard) with ESMTPS id ")),
-        "{received}"
-    );
-}
-
-/// The session was DEMO\alice's, and `protocol` (RFC 3848) says so.
-fn assert_authenticated(received: &str, protocol: &str) {
-    assert!(received.contains(ALICE_IN_RECEIVED), "{received}");
-    assert!(
-        received.contains(&format!("by {HOST} (RelayGuard) with {protocol} id ")),
         "{received}"
     );
 }
@@ -169,6 +207,156 @@ fn body_file(gw: &Gateway, subject: &str) -> String {
     let path = gw.dir().join(format!("{subject}.eml"));
     write_file(&path, format!("Subject: {subject}\r\n\r\nHello.\r\n"));
     path.display().to_string()
+}
+
+// ---------------------------------------------------------------- every identity source
+
+// The scenarios of `scenarios.rs` with the users file; `auth_ad.rs` has
+// the same list with Active Directory.
+
+#[test]
+fn curl_ntlm_is_delivered_as_esmtpa() {
+    scenarios::curl_ntlm_is_delivered_as_esmtpa(UsersFile);
+}
+
+#[test]
+fn curl_ntlm_wrong_password_and_unknown_user_get_the_same_535() {
+    scenarios::curl_ntlm_wrong_password_and_unknown_user_get_the_same_535(UsersFile);
+}
+
+#[test]
+fn curl_ntlm_over_starttls_is_delivered_as_esmtpsa() {
+    scenarios::curl_ntlm_over_starttls_is_delivered_as_esmtpsa(UsersFile);
+}
+
+#[test]
+fn swaks_ntlm_v1_is_refused_by_default() {
+    scenarios::swaks_ntlm_v1_is_refused_by_default(UsersFile);
+}
+
+#[test]
+fn swaks_plain_and_login_over_starttls() {
+    scenarios::swaks_plain_and_login_over_starttls(UsersFile);
+}
+
+#[test]
+fn curl_plain_over_starttls() {
+    scenarios::curl_plain_over_starttls(UsersFile);
+}
+
+#[test]
+fn plain_and_login_accept_every_login_form() {
+    scenarios::plain_and_login_accept_every_login_form(UsersFile);
+}
+
+#[test]
+fn every_spelling_of_an_account_is_the_same_principal() {
+    scenarios::every_spelling_of_an_account_is_the_same_principal(UsersFile);
+}
+
+#[test]
+fn plain_and_login_refuse_bad_credentials() {
+    scenarios::plain_and_login_refuse_bad_credentials(UsersFile);
+}
+
+#[test]
+fn ntlm_with_the_negotiate_as_initial_response() {
+    scenarios::ntlm_with_the_negotiate_as_initial_response(UsersFile);
+}
+
+#[test]
+fn impacket_ntlmv2_succeeds() {
+    scenarios::impacket_ntlmv2_succeeds(UsersFile);
+}
+
+#[test]
+fn impacket_ntlmv1_is_refused() {
+    scenarios::impacket_ntlmv1_is_refused(UsersFile);
+}
+
+#[test]
+fn impacket_anonymous_is_refused() {
+    scenarios::impacket_anonymous_is_refused(UsersFile);
+}
+
+#[test]
+fn impacket_replayed_authenticate_in_a_new_session_is_refused() {
+    scenarios::impacket_replayed_authenticate_in_a_new_session_is_refused(UsersFile);
+}
+
+#[test]
+fn impacket_wrong_domain_is_refused() {
+    scenarios::impacket_wrong_domain_is_refused(UsersFile);
+}
+
+#[test]
+fn anonymous_lm_and_v1_responses_from_the_rust_client_are_refused() {
+    scenarios::anonymous_lm_and_v1_responses_from_the_rust_client_are_refused(UsersFile);
+}
+
+#[test]
+fn missing_mic_is_refused_when_required() {
+    scenarios::missing_mic_is_refused_when_required(UsersFile);
+}
+
+#[test]
+fn corrupted_mic_is_refused() {
+    scenarios::corrupted_mic_is_refused(UsersFile);
+}
+
+#[test]
+fn msv_av_flags_altered_in_transit_are_refused() {
+    scenarios::msv_av_flags_altered_in_transit_are_refused(UsersFile);
+}
+
+#[test]
+fn tampered_av_pairs_are_refused() {
+    scenarios::tampered_av_pairs_are_refused(UsersFile);
+}
+
+#[test]
+fn stale_ntlmv2_timestamp_is_refused() {
+    scenarios::stale_ntlmv2_timestamp_is_refused(UsersFile);
+}
+
+#[test]
+fn channel_binding_is_checked_over_implicit_tls_and_starttls() {
+    scenarios::channel_binding_is_checked_over_implicit_tls_and_starttls(UsersFile);
+}
+
+#[test]
+fn channel_binding_required_refuses_clients_without_one() {
+    scenarios::channel_binding_required_refuses_clients_without_one(UsersFile);
+}
+
+#[test]
+fn client_address_is_locked_out_after_max_failures() {
+    scenarios::client_address_is_locked_out_after_max_failures(UsersFile);
+}
+
+#[test]
+fn exchange_opened_before_a_client_lockout_is_refused_after_it() {
+    scenarios::exchange_opened_before_a_client_lockout_is_refused_after_it(UsersFile);
+}
+
+#[test]
+fn account_is_locked_out_per_address_after_max_failures() {
+    scenarios::account_is_locked_out_per_address_after_max_failures(UsersFile);
+}
+
+#[test]
+fn account_lockout_covers_every_spelling_of_the_domain() {
+    scenarios::account_lockout_covers_every_spelling_of_the_domain(UsersFile);
+}
+
+#[test]
+fn failure_delay_is_the_same_for_wrong_password_and_unknown_user() {
+    scenarios::failure_delay_is_the_same_for_wrong_password_and_unknown_user(UsersFile);
+}
+
+#[test]
+fn disabled_account_is_refused_with_the_same_535() {
+    scenarios::disabled_account_is_refused_with_the_same_535(UsersFile);
 }
 
 // ---------------------------------------------------------------- curl
@@ -196,49 +384,6 @@ fn curl_ntlm(f: &Fixture, login: &str, tls: bool) -> Output {
     curl(&args)
 }
 
-#[test]
-fn curl_ntlm_is_delivered_as_esmtpa() {
-    let f = start(|c| c);
-    let out = curl_ntlm(&f, "DEMO\\alice:alice-pass", false);
-    assert_success("curl", &out);
-    let received = f.received(1, "curl");
-    assert_authenticated(&received, "ESMTPA");
-    let ev = f.gw.wait_for_event("authenticated", TIMEOUT, |_| true);
-    assert_eq!(ev["user"], "DEMO\\alice", "{ev}");
-    assert_eq!(ev["mechanism"], "NTLM", "{ev}");
-    assert_eq!(ev["ntlm"], "ntlmv2", "curl must get NTLMv2: {ev}");
-}
-
-#[test]
-fn curl_ntlm_wrong_password_and_unknown_user_get_the_same_535() {
-    let f = start(|c| c);
-    for login in ["DEMO\\alice:wrong-pass", "DEMO\\mallory:alice-pass"] {
-        let out = curl_ntlm(&f, login, false);
-        let text = output_text(&out);
-        assert_eq!(out.status.code(), Some(67), "login denied: {text}");
-        assert!(
-            text.contains("< 535 5.7.3 Authentication unsuccessful\r\n")
-                || text.contains("< 535 5.7.3 Authentication unsuccessful\n"),
-            "{text}"
-        );
-    }
-    f.assert_failure_logged("bad_credentials");
-    barrier(&f.gw, &f.sink, 1);
-}
-
-#[test]
-fn curl_ntlm_over_starttls_is_delivered_as_esmtpsa() {
-    let f = start(|c| c);
-    let out = curl_ntlm(&f, "DEMO\\alice:alice-pass", true);
-    assert_success("curl", &out);
-    let received = f.received(1, "curl");
-    assert_authenticated(&received, "ESMTPSA");
-    assert!(
-        received.contains("(using TLSv1.3 with cipher "),
-        "{received}"
-    );
-}
-
 // ---------------------------------------------------------------- swaks
 
 fn swaks_auth(f: &Fixture, extra: &[&str]) -> Output {
@@ -259,35 +404,27 @@ fn swaks_auth(f: &Fixture, extra: &[&str]) -> Output {
     swaks(&args)
 }
 
-const SWAKS_NTLM: &[&str] = &[
-    "--auth",
-    "NTLM",
-    "--auth-user",
-    "alice",
-    "--auth-password",
-    "alice-pass",
-    "--auth-extra",
-    "domain=DEMO",
-];
-
-#[test]
-fn swaks_ntlm_v1_is_refused_by_default() {
-    let f = start(|c| c);
-    let out = swaks_auth(&f, SWAKS_NTLM);
-    let text = output_text(&out);
-    assert!(!out.status.success(), "{text}");
-    assert!(
-        text.contains("535 5.7.3 Authentication unsuccessful"),
-        "{text}"
-    );
-    f.assert_failure_logged("ntlmv1_refused");
-    barrier(&f.gw, &f.sink, 1);
+/// swaks' `AUTH NTLM` (always NTLMv1 + LM) as `a`.
+fn swaks_ntlm(a: &Account) -> Vec<String> {
+    [
+        "--auth",
+        "NTLM",
+        "--auth-user",
+        a.user,
+        "--auth-password",
+        a.password,
+        "--auth-extra",
+        &format!("domain={}", a.domain),
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 #[test]
 fn swaks_ntlm_v1_is_accepted_when_allowed_and_logged_as_weak() {
     let f = start(|c| c.set("auth.ntlm.allow_ntlmv1", "true"));
-    let out = swaks_auth(&f, SWAKS_NTLM);
+    let args = swaks_ntlm(&ALICE);
+    let out = swaks_auth(&f, &args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_success("swaks", &out);
     assert!(
         output_text(&out).contains("235 2.7.0 Authentication successful"),
@@ -295,7 +432,7 @@ fn swaks_ntlm_v1_is_accepted_when_allowed_and_logged_as_weak() {
         output_text(&out)
     );
     let received = f.received(1, "swaks");
-    assert_authenticated(&received, "ESMTPA");
+    f.assert_authenticated(&received, "ESMTPA");
     let weak = f.gw.wait_for_event(
         "weak NTLMv1 authentication accepted (allow_ntlmv1)",
         TIMEOUT,
@@ -305,61 +442,6 @@ fn swaks_ntlm_v1_is_accepted_when_allowed_and_logged_as_weak() {
     assert_eq!(weak["level"], "WARN", "{weak}");
     let ev = f.gw.wait_for_event("authenticated", TIMEOUT, |_| true);
     assert_eq!(ev["ntlm"], "ntlmv1", "{ev}");
-}
-
-#[test]
-fn swaks_plain_and_login_over_starttls() {
-    let f = start(|c| c);
-    let plain = swaks_auth(
-        &f,
-        &[
-            "-tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "DEMO\\alice",
-            "--auth-password",
-            "alice-pass",
-        ],
-    );
-    assert_success("swaks PLAIN", &plain);
-    let login = swaks_auth(
-        &f,
-        &[
-            "-tls",
-            "--auth",
-            "LOGIN",
-            "--auth-user",
-            "alice@demo.test",
-            "--auth-password",
-            "alice-pass",
-        ],
-    );
-    assert_success("swaks LOGIN", &login);
-    let bad = swaks_auth(
-        &f,
-        &[
-            "-tls",
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "alice",
-            "--auth-password",
-            "wrong-pass",
-        ],
-    );
-    let text = output_text(&bad);
-    assert!(!bad.status.success(), "{text}");
-    assert!(
-        text.contains("535 5.7.3 Authentication unsuccessful"),
-        "{text}"
-    );
-
-    let msgs = f.sink.wait_for_messages(2, TIMEOUT);
-    for m in &msgs {
-        let received = m.first_received().unwrap();
-        assert_authenticated(&received, "ESMTPSA");
-    }
 }
 
 // ---------------------------------------------------------------- curl PLAIN
@@ -387,24 +469,6 @@ fn curl_plain(f: &Fixture, login: &str) -> Output {
     curl(&args)
 }
 
-#[test]
-fn curl_plain_over_starttls() {
-    let f = start(|c| c);
-    let out = curl_plain(&f, "DEMO\\alice:alice-pass");
-    assert_success("curl", &out);
-    let bad = curl_plain(&f, "DEMO\\alice:wrong-pass");
-    let text = output_text(&bad);
-    assert_eq!(bad.status.code(), Some(67), "{text}");
-    assert!(
-        text.contains("< 535 5.7.3 Authentication unsuccessful"),
-        "{text}"
-    );
-    let received = f.received(1, "curl");
-    assert_authenticated(&received, "ESMTPSA");
-    let ev = f.gw.wait_for_event("authenticated", TIMEOUT, |_| true);
-    assert_eq!(ev["mechanism"], "PLAIN", "{ev}");
-}
-
 // ---------------------------------------------------------------- PLAIN / LOGIN on the raw client
 
 fn plain_response(authcid: &str, password: &str) -> String {
@@ -412,7 +476,7 @@ fn plain_response(authcid: &str, password: &str) -> String {
 }
 
 /// `AUTH PLAIN` with the credentials as initial response.
-fn send_plain<'a>(c: &'a mut Client, login: &str, password: &str) -> &'a mut Client {
+pub(crate) fn send_plain<'a>(c: &'a mut Client, login: &str, password: &str) -> &'a mut Client {
     c.send(&format!("AUTH PLAIN {}", plain_response(login, password)))
 }
 
@@ -469,49 +533,7 @@ fn auth_before_starttls_is_refused_when_the_listener_requires_tls() {
     ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
     c.expect("235 2.7.0");
     probe(&mut c, "tls");
-    assert_authenticated(&f.received(1, "tls"), "ESMTPSA");
-}
-
-#[test]
-fn plain_and_login_accept_every_login_form() {
-    let f = start(|c| c);
-    let forms = ["DEMO\\alice", "alice@demo.test", "alice", "demo\\ALICE"];
-    let mut total = 0;
-    for (i, login) in forms.iter().enumerate() {
-        let mut c = f.tls_client();
-        send_plain(&mut c, login, "alice-pass").expect("235 2.7.0");
-        probe(&mut c, &format!("plain{i}"));
-        total += 1;
-        assert_authenticated(&f.received(total, &format!("plain{i}")), "ESMTPSA");
-
-        let mut c = f.tls_client();
-        c.send("AUTH LOGIN").expect("334 VXNlcm5hbWU6");
-        c.send(&ntlm::b64(login.as_bytes()))
-            .expect("334 UGFzc3dvcmQ6");
-        c.send(&ntlm::b64(b"alice-pass")).expect("235 2.7.0");
-        probe(&mut c, &format!("login{i}"));
-        total += 1;
-        assert_authenticated(&f.received(total, &format!("login{i}")), "ESMTPSA");
-    }
-}
-
-#[test]
-fn plain_and_login_refuse_bad_credentials() {
-    let f = start(|c| c);
-    let mut c = f.tls_client();
-    send_plain(&mut c, "alice", "wrong-pass").expect("535 5.7.3 Authentication unsuccessful");
-    send_plain(&mut c, "mallory", "alice-pass").expect("535 5.7.3 Authentication unsuccessful");
-    // Acting for someone else (authzid) is never allowed.
-    let proxy = ntlm::b64(b"bob\0alice\0alice-pass");
-    c.send(&format!("AUTH PLAIN {proxy}"))
-        .expect("535 5.7.3 Authentication unsuccessful");
-    c.send("AUTH LOGIN").expect("334 VXNlcm5hbWU6");
-    c.send(&ntlm::b64(b"DEMO\\alice"))
-        .expect("334 UGFzc3dvcmQ6");
-    c.send(&ntlm::b64(b"wrong-pass"))
-        .expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "probe");
-    assert_unauthenticated(&f.received(1, "probe"));
+    f.assert_authenticated(&f.received(1, "tls"), "ESMTPSA");
 }
 
 // ---------------------------------------------------------------- AUTH NTLM framing
@@ -547,17 +569,7 @@ fn ntlm_exchange_step_by_step() {
     other.send("*").expect("501 5.7.0");
 
     probe(&mut c, "ntlm");
-    assert_authenticated(&f.received(1, "ntlm"), "ESMTPA");
-}
-
-#[test]
-fn ntlm_with_the_negotiate_as_initial_response() {
-    let f = start(|c| c);
-    let mut c = f.client();
-    ntlm::send_auth_initial(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "initial");
-    assert_authenticated(&f.received(1, "initial"), "ESMTPA");
+    f.assert_authenticated(&f.received(1, "ntlm"), "ESMTPA");
 }
 
 #[test]
@@ -573,7 +585,7 @@ fn star_cancels_and_the_session_goes_on() {
     ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
     c.expect("235 2.7.0");
     probe(&mut c, "cancel");
-    assert_authenticated(&f.received(1, "cancel"), "ESMTPA");
+    f.assert_authenticated(&f.received(1, "cancel"), "ESMTPA");
 }
 
 #[test]
@@ -603,7 +615,7 @@ fn invalid_base64_and_malformed_ntlmssp_get_501_and_the_session_goes_on() {
     ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
     c.expect("235 2.7.0");
     probe(&mut c, "after");
-    assert_authenticated(&f.received(1, "after"), "ESMTPA");
+    f.assert_authenticated(&f.received(1, "after"), "ESMTPA");
 }
 
 #[test]
@@ -624,7 +636,7 @@ fn auth_twice_or_during_a_transaction_gets_503() {
     c.send(&format!("AUTH NTLM {}", ntlm::b64(b"NTLMSSP\0")))
         .expect("503 5.5.1 Already authenticated");
     probe(&mut c, "twice");
-    assert_authenticated(&f.received(1, "twice"), "ESMTPA");
+    f.assert_authenticated(&f.received(1, "twice"), "ESMTPA");
 }
 
 #[test]
@@ -640,185 +652,7 @@ fn unknown_mechanism_gets_504() {
     assert_unauthenticated(&f.received(1, "probe"));
 }
 
-// ---------------------------------------------------------------- impacket
-
-#[test]
-fn impacket_ntlmv2_succeeds() {
-    let f = start(|c| c);
-    let mut c = f.client();
-    impacket::send_auth(
-        &mut c,
-        "DEMO",
-        "alice",
-        "alice-pass",
-        impacket::Mode::NtlmV2,
-    );
-    c.expect("235 2.7.0");
-    probe(&mut c, "impacket");
-    assert_authenticated(&f.received(1, "impacket"), "ESMTPA");
-    let ev = f.gw.wait_for_event("authenticated", TIMEOUT, |_| true);
-    assert_eq!(ev["ntlm"], "ntlmv2", "{ev}");
-}
-
-#[test]
-fn impacket_ntlmv1_is_refused() {
-    let f = start(|c| c);
-    let mut c = f.client();
-    impacket::send_auth(
-        &mut c,
-        "DEMO",
-        "alice",
-        "alice-pass",
-        impacket::Mode::NtlmV1,
-    );
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("ntlmv1_refused");
-    probe(&mut c, "probe");
-    assert_unauthenticated(&f.received(1, "probe"));
-}
-
-#[test]
-fn impacket_anonymous_is_refused() {
-    let f = start(|c| c);
-    // Empty user and password: empty NT response, one-byte LM response.
-    let mut c = f.client();
-    impacket::send_auth(&mut c, "", "", "", impacket::Mode::NtlmV2);
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "anon1");
-    // A user name but no NT response.
-    let mut c = f.client();
-    impacket::send_auth(
-        &mut c,
-        "DEMO",
-        "alice",
-        "alice-pass",
-        impacket::Mode::EmptyNtResponse,
-    );
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "anon2");
-    f.assert_failure_logged("anonymous_refused");
-    let failures = f.gw.log_events("authentication failed");
-    assert!(
-        failures.len() == 2 && failures.iter().all(|v| v["reason"] == "anonymous_refused"),
-        "{failures:#?}"
-    );
-    assert_unauthenticated(&f.received(2, "anon1"));
-    assert_unauthenticated(&f.received(2, "anon2"));
-}
-
-#[test]
-fn impacket_replayed_authenticate_in_a_new_session_is_refused() {
-    let f = start(|c| c);
-    let mut first = f.client();
-    let captured = impacket::send_auth(
-        &mut first,
-        "DEMO",
-        "alice",
-        "alice-pass",
-        impacket::Mode::NtlmV2,
-    );
-    first.expect("235 2.7.0");
-    first.send("QUIT").expect("221");
-
-    let mut c = f.client();
-    let neg = impacket::negotiate(impacket::Mode::NtlmV2);
-    ntlm::challenge(&mut c, &neg, false);
-    c.send(&ntlm::b64(&captured))
-        .expect("535 5.7.3 Authentication unsuccessful");
-    // And as the answer to a NEGOTIATE sent as initial response.
-    ntlm::challenge(&mut c, &neg, true);
-    c.send(&ntlm::b64(&captured))
-        .expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("bad_credentials");
-    probe(&mut c, "replay");
-    assert_unauthenticated(&f.received(1, "replay"));
-}
-
-#[test]
-fn impacket_wrong_domain_is_refused() {
-    let f = start(|c| c);
-    let mut c = f.client();
-    impacket::send_auth(
-        &mut c,
-        "OTHER",
-        "alice",
-        "alice-pass",
-        impacket::Mode::NtlmV2,
-    );
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("bad_credentials");
-    probe(&mut c, "probe");
-    assert_unauthenticated(&f.received(1, "probe"));
-    // Our DNS domain names the same domain.
-    let mut c = f.client();
-    impacket::send_auth(
-        &mut c,
-        "demo.test",
-        "alice",
-        "alice-pass",
-        impacket::Mode::NtlmV2,
-    );
-    c.expect("235 2.7.0");
-}
-
 // ---------------------------------------------------------------- hostile NTLM clients (policy's client)
-
-#[test]
-fn anonymous_lm_and_v1_responses_from_the_rust_client_are_refused() {
-    let f = start(|c| c);
-    let cases = [
-        (
-            "anonymous",
-            ClientOptions {
-                mode: ClientMode::Anonymous,
-                ..ClientOptions::default()
-            },
-            "anonymous_refused",
-        ),
-        (
-            "anonflag",
-            ClientOptions {
-                anonymous_flag: true,
-                ..ClientOptions::default()
-            },
-            "anonymous_refused",
-        ),
-        (
-            "lmonly",
-            ClientOptions {
-                mode: ClientMode::LmOnly,
-                ..ClientOptions::default()
-            },
-            "lm_refused",
-        ),
-        (
-            "v1",
-            ClientOptions {
-                mode: ClientMode::NtlmV1,
-                ..ClientOptions::default()
-            },
-            "ntlmv1_refused",
-        ),
-        (
-            "v1ess",
-            ClientOptions {
-                mode: ClientMode::NtlmV1Ess,
-                ..ClientOptions::default()
-            },
-            "ntlmv1_refused",
-        ),
-    ];
-    for (tag, opts, reason) in cases.iter().cloned() {
-        let mut c = f.client();
-        ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), opts);
-        c.expect("535 5.7.3 Authentication unsuccessful");
-        f.assert_failure_logged(reason);
-        probe(&mut c, tag);
-    }
-    for (tag, _, _) in &cases {
-        assert_unauthenticated(&f.received(cases.len(), tag));
-    }
-}
 
 fn no_mic() -> ClientOptions {
     ClientOptions {
@@ -833,67 +667,6 @@ fn clear_msv_av_flags(pairs: &mut Vec<AvPair>) {
     pairs.push(AvPair::new(av_id::FLAGS, 0u32.to_le_bytes()));
 }
 
-#[test]
-fn missing_mic_is_refused_when_required() {
-    let f = start(|c| c.set("auth.ntlm.require_mic", "true"));
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), no_mic());
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "nomic");
-    let mut c = f.client();
-    let flags_cleared = ClientOptions {
-        edit_av_pairs: Some(clear_msv_av_flags),
-        ..ClientOptions::default()
-    };
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), flags_cleared);
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "flagless");
-    f.assert_failure_logged("mic_required");
-    assert_unauthenticated(&f.received(2, "nomic"));
-    assert_unauthenticated(&f.received(2, "flagless"));
-    // With its MIC, the same client gets in.
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-}
-
-#[test]
-fn corrupted_mic_is_refused() {
-    let f = start(|c| c);
-    let mut c = f.client();
-    let opts = ClientOptions {
-        corrupt_mic: true,
-        ..ClientOptions::default()
-    };
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), opts);
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("mic_invalid");
-    probe(&mut c, "probe");
-    assert_unauthenticated(&f.received(1, "probe"));
-}
-
-#[test]
-fn msv_av_flags_altered_in_transit_are_refused() {
-    let f = start(|c| c);
-    let mut c = f.client();
-    // A relay strips "MIC present" so the MIC would go unchecked.
-    ntlm::send_auth_tampered(
-        &mut c,
-        &ntlm::creds(&ALICE),
-        ClientOptions::default(),
-        |mut m| {
-            let at = ntlm::blob_av_pair(&m, av_id::FLAGS).expect("MsvAvFlags in the blob");
-            assert_eq!(&m[at.clone()], &2u32.to_le_bytes());
-            m[at].copy_from_slice(&0u32.to_le_bytes());
-            m
-        },
-    );
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("bad_credentials");
-    probe(&mut c, "probe");
-    assert_unauthenticated(&f.received(1, "probe"));
-}
-
 fn rename_server(pairs: &mut Vec<AvPair>) {
     pairs.retain(|p| p.id != av_id::NB_COMPUTER_NAME);
     pairs.push(AvPair::name(av_id::NB_COMPUTER_NAME, "EVILRELAY"));
@@ -901,43 +674,6 @@ fn rename_server(pairs: &mut Vec<AvPair>) {
 
 fn drop_timestamp(pairs: &mut Vec<AvPair>) {
     pairs.retain(|p| p.id != av_id::TIMESTAMP);
-}
-
-#[test]
-fn tampered_av_pairs_are_refused() {
-    let f = start(|c| c);
-    // The client answers target info other than what we sent.
-    for (i, edit) in [rename_server as fn(&mut Vec<AvPair>), drop_timestamp]
-        .into_iter()
-        .enumerate()
-    {
-        let mut c = f.client();
-        let opts = ClientOptions {
-            edit_av_pairs: Some(edit),
-            ..ClientOptions::default()
-        };
-        ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), opts);
-        c.expect("535 5.7.3 Authentication unsuccessful");
-        probe(&mut c, &format!("edited{i}"));
-    }
-    f.assert_failure_logged("target_info_mismatch");
-    // Target info changed in transit, after the client's proof.
-    let mut c = f.client();
-    ntlm::send_auth_tampered(
-        &mut c,
-        &ntlm::creds(&ALICE),
-        ClientOptions::default(),
-        |mut m| {
-            let at = ntlm::blob_av_pair(&m, av_id::DNS_COMPUTER_NAME).expect("DNS name");
-            m[at.start] ^= 0x20;
-            m
-        },
-    );
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "transit");
-    for tag in ["edited0", "edited1", "transit"] {
-        assert_unauthenticated(&f.received(3, tag));
-    }
 }
 
 #[test]
@@ -981,34 +717,6 @@ fn filetime_ago(ago: Duration) -> u64 {
     policy::ntlm::message::filetime(std::time::SystemTime::now() - ago)
 }
 
-#[test]
-fn stale_ntlmv2_timestamp_is_refused() {
-    let f = start(|c| c);
-    // A client using its own clock (as curl does), an hour behind.
-    let mut c = f.client();
-    let mut hs = ntlm::ClientHandshake::new(
-        ntlm::creds(&ALICE),
-        *b"e2e-cc08",
-        Some(filetime_ago(Duration::from_secs(3600))),
-    );
-    let chal = ntlm::challenge(&mut c, &hs.negotiate(), false);
-    c.send(&ntlm::b64(&hs.authenticate(&chal).unwrap()))
-        .expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("timestamp_out_of_window");
-    probe(&mut c, "stale");
-    assert_unauthenticated(&f.received(1, "stale"));
-    // The same client with a clock in step gets in.
-    let mut c = f.client();
-    let mut hs = ntlm::ClientHandshake::new(
-        ntlm::creds(&ALICE),
-        *b"e2e-cc09",
-        Some(filetime_ago(Duration::ZERO)),
-    );
-    let chal = ntlm::challenge(&mut c, &hs.negotiate(), false);
-    c.send(&ntlm::b64(&hs.authenticate(&chal).unwrap()))
-        .expect("235 2.7.0");
-}
-
 // ---------------------------------------------------------------- channel binding
 
 fn bound_to(end_point: Vec<u8>) -> ClientOptions {
@@ -1024,43 +732,6 @@ fn other_end_point() -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let (_, _, pem) = test_cert(dir.path());
     policy::ntlm::tls_server_end_point(&pem_to_der(&pem)).unwrap()
-}
-
-#[test]
-fn channel_binding_is_checked_over_implicit_tls_and_starttls() {
-    let f = start(|c| c);
-    let ours = policy::ntlm::tls_server_end_point(&f.cert_der).expect("end point");
-    let theirs = other_end_point();
-    for (i, tls) in ["smtps", "starttls"].into_iter().enumerate() {
-        let connect = || match tls {
-            "smtps" => f.smtps_client(),
-            _ => f.tls_client(),
-        };
-        let mut c = connect();
-        ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), bound_to(ours.clone()));
-        c.expect("235 2.7.0");
-        probe(&mut c, &format!("bound{i}"));
-
-        let mut c = connect();
-        ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), bound_to(theirs.clone()));
-        c.expect("535 5.7.3 Authentication unsuccessful");
-        probe(&mut c, &format!("mitm{i}"));
-    }
-    // A binding to a TLS session, presented outside TLS.
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), bound_to(ours));
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "plain");
-    f.assert_failure_logged("channel_binding_mismatch");
-    for tag in ["bound0", "bound1"] {
-        assert_authenticated(&f.received(5, tag), "ESMTPSA");
-    }
-    for tag in ["mitm0", "mitm1"] {
-        let received = f.received(5, tag);
-        assert_unauthenticated(&received);
-        assert!(received.contains(" with ESMTPS id "), "{received}");
-    }
-    assert_unauthenticated(&f.received(5, "plain"));
 }
 
 #[test]
@@ -1083,121 +754,11 @@ fn channel_binding_follows_the_certificate_the_session_saw() {
     old.expect("235 2.7.0");
 }
 
-#[test]
-fn channel_binding_required_refuses_clients_without_one() {
-    let f = start(|c| c.set("auth.ntlm.channel_binding", "required"));
-    let ours = policy::ntlm::tls_server_end_point(&f.cert_der).expect("end point");
-    let mut c = f.smtps_client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("channel_binding_required");
-    probe(&mut c, "unbound");
-    // Outside TLS there is nothing to bind to.
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "plain");
-    assert_unauthenticated(&f.received(2, "unbound"));
-    assert_unauthenticated(&f.received(2, "plain"));
-
-    let mut c = f.smtps_client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), bound_to(ours));
-    c.expect("235 2.7.0");
-}
-
 // ---------------------------------------------------------------- brute-force protection
 
-fn wrong_ntlm(c: &mut Client, account: &Account) {
+pub(crate) fn wrong_ntlm(c: &mut Client, account: &Account) {
     let creds = ntlm::creds_for(account.domain, account.user, "wrong-pass");
     ntlm::send_auth(c, &creds, ClientOptions::default());
-    c.expect("535 5.7.3 Authentication unsuccessful");
-}
-
-#[test]
-fn client_address_is_locked_out_after_max_failures() {
-    let f = start(|c| c.set("auth.lockout.max_failures_per_client", "3"));
-    let mut c = f.client();
-    wrong_ntlm(&mut c, &ALICE);
-    wrong_ntlm(&mut c, &BOB);
-    let mut c = f.client();
-    wrong_ntlm(&mut c, &ALICE);
-    // The 4th AUTH from this address, with the right password.
-    let mut c = f.client();
-    c.send("AUTH NTLM")
-        .expect("454 4.7.0 Too many authentication failures, try again later");
-    c.send("NOOP").expect("250");
-    let mut c = f.tls_client();
-    send_plain(&mut c, "alice", "alice-pass").expect("454 4.7.0");
-    probe(&mut c, "locked");
-    assert_unauthenticated(&f.received(1, "locked"));
-    // Another client machine is not affected.
-    let mut c = Client::connect_from(f.smtp(), OTHER_CLIENT);
-    c.expect("220");
-    c.ehlo("client.test").expect("250");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-}
-
-#[test]
-fn exchange_opened_before_a_client_lockout_is_refused_after_it() {
-    let f = start(|c| c.set("auth.lockout.max_failures_per_client", "3"));
-    // An attacker keeps one exchange waiting at the CHALLENGE…
-    let mut waiting = f.client();
-    let mut hs = ntlm::ClientHandshake::new(ntlm::creds(&ALICE), *b"e2e-cc07", None);
-    let chal = ntlm::challenge(&mut waiting, &hs.negotiate(), false);
-    // …guesses until the address is locked out…
-    let mut c = f.client();
-    for _ in 0..3 {
-        wrong_ntlm(&mut c, &ALICE);
-    }
-    let mut c = f.client();
-    c.send("AUTH NTLM").expect("454 4.7.0");
-    // …then answers the waiting CHALLENGE: one guess more than allowed.
-    waiting.send(&ntlm::b64(&hs.authenticate(&chal).unwrap()));
-    let r = waiting.read_reply();
-    assert!(
-        matches!(r.code, 454 | 535),
-        "a locked-out address must not authenticate:\n{}",
-        waiting.transcript()
-    );
-}
-
-#[test]
-fn account_is_locked_out_per_address_after_max_failures() {
-    let f = start(|c| c.set("auth.lockout.max_failures_per_account", "2"));
-    let mut c = f.client();
-    wrong_ntlm(&mut c, &ALICE);
-    wrong_ntlm(&mut c, &ALICE);
-    // Now even the right password is refused for alice from here…
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("locked_out");
-    probe(&mut c, "locked");
-    let mut c = f.tls_client();
-    send_plain(&mut c, "DEMO\\alice", "alice-pass").expect("535 5.7.3");
-    // …but not for bob from here, nor for alice from elsewhere.
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&BOB), ClientOptions::default());
-    c.expect("235 2.7.0");
-    let mut c = Client::connect_from(f.smtp(), OTHER_CLIENT);
-    c.expect("220");
-    c.ehlo("client.test").expect("250");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    assert_unauthenticated(&f.received(1, "locked"));
-}
-
-#[test]
-fn account_lockout_covers_every_spelling_of_the_domain() {
-    let f = start(|c| c.set("auth.lockout.max_failures_per_account", "2"));
-    let mut c = f.client();
-    wrong_ntlm(&mut c, &ALICE);
-    wrong_ntlm(&mut c, &ALICE);
-    // The same account, named by our DNS domain: still locked out.
-    let mut c = f.client();
-    let creds = ntlm::creds_for("demo.test", "alice", "alice-pass");
-    ntlm::send_auth(&mut c, &creds, ClientOptions::default());
     c.expect("535 5.7.3 Authentication unsuccessful");
 }
 
@@ -1226,63 +787,7 @@ fn timed(c: &mut Client, expect: &str, send: impl FnOnce(&mut Client)) -> Durati
     t0.elapsed()
 }
 
-#[test]
-fn failure_delay_is_the_same_for_wrong_password_and_unknown_user() {
-    let f = start(|c| c.set("auth.lockout.failure_delay", "300ms"));
-    let floor = Duration::from_millis(250);
-    let mut c = f.client();
-    let wrong = timed(&mut c, "535 5.7.3", |c| {
-        let creds = ntlm::creds_for("DEMO", "alice", "wrong-pass");
-        ntlm::send_auth(c, &creds, ClientOptions::default());
-    });
-    let unknown = timed(&mut c, "535 5.7.3", |c| {
-        let creds = ntlm::creds_for("DEMO", "mallory", "alice-pass");
-        ntlm::send_auth(c, &creds, ClientOptions::default());
-    });
-    let mut t = f.tls_client();
-    let plain_wrong = timed(&mut t, "535 5.7.3", |t| {
-        send_plain(t, "alice", "wrong-pass");
-    });
-    let plain_unknown = timed(&mut t, "535 5.7.3", |t| {
-        send_plain(t, "mallory", "alice-pass");
-    });
-    for (what, d) in [
-        ("NTLM wrong password", wrong),
-        ("NTLM unknown user", unknown),
-        ("PLAIN wrong password", plain_wrong),
-        ("PLAIN unknown user", plain_unknown),
-    ] {
-        assert!(d >= floor, "{what} answered after {d:?}, before the delay");
-    }
-    probe(&mut c, "probe");
-    assert_unauthenticated(&f.received(1, "probe"));
-}
-
 // ---------------------------------------------------------------- users file
-
-#[test]
-fn disabled_account_is_refused_with_the_same_535() {
-    let f = start(|c| c);
-    let yaml = format!(
-        "{}  - user: carol\n    domain: DEMO\n    nt_hash: {}\n    enabled: false\n",
-        relayguard_e2e::users_yaml(&[ALICE]),
-        relayguard_e2e::hash_password(CAROL.password)
-    );
-    write_file(&f.users_file(), yaml);
-    let reloads = count_events(&f.gw, "users file reloaded");
-    f.gw.signal("HUP");
-    wait_for_more_events(&f.gw, "users file reloaded", reloads, TIMEOUT);
-    let mut c = f.client();
-    ntlm::send_auth(&mut c, &ntlm::creds(&CAROL), ClientOptions::default());
-    c.expect("535 5.7.3 Authentication unsuccessful");
-    f.assert_failure_logged("account_disabled");
-    probe(&mut c, "ntlm");
-    let mut c = f.tls_client();
-    send_plain(&mut c, "carol", "carol-pass").expect("535 5.7.3 Authentication unsuccessful");
-    probe(&mut c, "plain");
-    assert_unauthenticated(&f.received(2, "ntlm"));
-    assert_unauthenticated(&f.received(2, "plain"));
-}
 
 /// Counts the log events with this message so far.
 fn count_events(gw: &Gateway, message: &str) -> usize {

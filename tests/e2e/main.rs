@@ -8,11 +8,14 @@
 
 mod ad;
 mod auth;
+mod auth_ad;
 mod backend;
 mod backend_tls;
 mod core;
 mod lifecycle;
+mod observability;
 mod protocol;
+mod proxy;
 mod tls;
 
 use relayguard_e2e::{config, Client, Gateway, Sink, SinkMessage, TIMEOUT};

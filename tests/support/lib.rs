@@ -16,6 +16,7 @@ mod client;
 mod config;
 mod fake_backend;
 mod gateway;
+mod haproxy;
 pub mod ntlm;
 pub mod prometheus;
 mod samba;
@@ -23,14 +24,15 @@ mod sink;
 mod tools;
 
 pub use auth::{
-    hash_password, run_hash_password, users_yaml, write_users_file, Account, ALICE, BOB,
-    DNS_COMPUTER, DNS_DOMAIN, NETBIOS_COMPUTER, NETBIOS_DOMAIN,
+    hash_password, run_hash_password, users_yaml, write_users_file, Account, IdentitySource, ALICE,
+    BOB, DNS_COMPUTER, DNS_DOMAIN, NETBIOS_COMPUTER, NETBIOS_DOMAIN,
 };
 pub use certs::{pem_to_der, test_cert};
 pub use client::{dot_stuff, Client, Reply};
 pub use config::{config, Config};
 pub use fake_backend::{DataBehaviour, FakeBackend, FakeMessage};
 pub use gateway::{relayguard_bin, Gateway};
+pub use haproxy::{Frontend, Haproxy, ProxyHeader};
 pub use samba::{DcGroup, DcUser, SambaDc};
 pub use sink::{Sink, SinkMessage};
 pub use tools::{

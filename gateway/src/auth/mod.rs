@@ -529,11 +529,15 @@ impl Authenticator {
         user: &str,
         domain: &str,
     ) -> Result<Account, ad::AdError> {
-        let domain = if domain.is_empty() || domain.eq_ignore_ascii_case(&self.ntlm.dns_domain) {
-            self.ntlm.netbios_domain.clone()
-        } else {
-            domain.to_string()
-        };
+        let ours = domain.is_empty()
+            || domain.eq_ignore_ascii_case(&self.ntlm.dns_domain)
+            || domain.eq_ignore_ascii_case(&self.ntlm.netbios_domain);
+        if !ours {
+            // A trusted domain's user would be looked up in our LDAP by
+            // name alone and get our namesake's groups: refuse instead.
+            return Err(ad::AdError::NoSuchUser(format!("{domain}\\{user}")));
+        }
+        let domain = self.ntlm.netbios_domain.clone();
         let (name, groups, mail, enabled) = match dir.entry(user).await {
             Ok(e) => (
                 e.account_name.clone(),

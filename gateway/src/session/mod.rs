@@ -26,6 +26,7 @@ use std::time::{Instant, SystemTime};
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::audit::{AuditDecision, AuditRecord};
 use crate::auth::sasl::{self, Exchange, Progress};
 use crate::auth::{AuthFailure, Mechanism, Principal};
 use crate::backend::{BackendError, Connection, MailArgs};
@@ -140,9 +141,25 @@ struct Transaction {
     /// The backend refused MAIL: every later RCPT gets this reply.
     mail_refused: Option<Reply>,
     refused: usize,
+    /// Filled as the transaction goes; recorded when it is decided.
+    audit: AuditRecord,
 }
 
 impl Transaction {
+    /// A transaction that ends without DATA (RSET, EHLO, QUIT, STARTTLS,
+    /// disconnect): recorded if any recipient was decided.
+    fn audit_unfinished(self, shared: &Shared) {
+        if self.rcpt_attempts == 0 {
+            return;
+        }
+        let decision = if self.accepted.is_empty() && self.refused > 0 {
+            AuditDecision::RelayDenied
+        } else {
+            AuditDecision::Abandoned
+        };
+        shared.audit.record(self.audit.decision(decision));
+    }
+
     fn sender(&self) -> &str {
         match &self.from {
             ReversePath::Null => "",
@@ -262,7 +279,11 @@ impl<S: Transport> Session<S> {
 
     fn release_backend(&mut self) {
         let tx_backend = match std::mem::replace(&mut self.state, State::Fresh) {
-            State::Transaction(tx) => tx.backend,
+            State::Transaction(mut tx) => {
+                let conn = tx.backend.take();
+                tx.audit_unfinished(&self.conv.shared);
+                conn
+            }
             _ => None,
         };
         for conn in [tx_backend, self.idle_backend.take()].into_iter().flatten() {
@@ -450,8 +471,14 @@ impl<S: Transport> Session<S> {
         match cmd {
             Command::Ehlo(name) => self.hello(name, true).await,
             Command::Helo(name) => self.hello(name, false).await,
-            Command::Mail { from, params } => self.mail(from, params),
-            Command::Rcpt { to } => self.rcpt(to).await,
+            Command::Mail { from, params } => {
+                let from = match from {
+                    ReversePath::Path(p) => ReversePath::Path(without_source_route(p)),
+                    null => null,
+                };
+                self.mail(from, params)
+            }
+            Command::Rcpt { to } => self.rcpt(without_source_route(to)).await,
             Command::Data => self.data().await,
             Command::Bdat { size, .. } => {
                 // RFC 3030 §4: a refused chunk is still consumed, so its
@@ -582,6 +609,10 @@ impl<S: Transport> Session<S> {
         }
         if auth.client_locked(self.conv.peer.ip()) {
             tracing::warn!(session = %self.conv.id, client = %self.conv.peer, "AUTH refused: client address locked out");
+            self.conv
+                .shared
+                .metrics
+                .auth_failed(mech, &AuthFailure::ClientLockedOut);
             auth.failed(self.conv.peer.ip(), None).await;
             self.reply(replies::auth_locked_out());
             return Flow::Continue;
@@ -632,6 +663,7 @@ impl<S: Transport> Session<S> {
                     ntlm = principal.detail.unwrap_or("-"),
                     "authenticated"
                 );
+                self.conv.shared.metrics.auth_succeeded(mech);
                 self.conv.auth = Some(format!("{} ({})", principal.display(), mech.name()));
                 self.principal = Some(Box::new(principal));
                 self.reply(replies::auth_ok());
@@ -650,6 +682,7 @@ impl<S: Transport> Session<S> {
                     reason = failure.label(),
                     "authentication failed"
                 );
+                self.conv.shared.metrics.auth_failed(mech, &failure);
                 if let AuthFailure::Malformed(_) = failure {
                     return self.error(replies::auth_malformed());
                 }
@@ -683,10 +716,11 @@ impl<S: Transport> Session<S> {
     /// Ends the current transaction (RSET, EHLO). The backend connection is
     /// kept for the next one; its next transaction starts with RSET.
     fn end_transaction(&mut self) {
-        if let State::Transaction(tx) = std::mem::replace(&mut self.state, State::Ready) {
-            if let Some(conn) = tx.backend {
+        if let State::Transaction(mut tx) = std::mem::replace(&mut self.state, State::Ready) {
+            if let Some(conn) = tx.backend.take() {
                 self.idle_backend = Some(conn);
             }
+            tx.audit_unfinished(&self.conv.shared);
         }
     }
 
@@ -802,6 +836,14 @@ impl<S: Transport> Session<S> {
             }
         }
         self.junk = 0;
+        let mut audit =
+            AuditRecord::transaction(&self.conv.id, self.conv.peer, &self.conv.listener.name)
+                .tls(self.conv.tls.as_ref())
+                .helo(self.conv.helo.as_deref())
+                .mail_from(&raw);
+        if let Some(p) = &self.principal {
+            audit = audit.principal(&p.display(), p.mechanism.name());
+        }
         self.state = State::Transaction(Box::new(Transaction {
             from,
             params,
@@ -812,6 +854,7 @@ impl<S: Transport> Session<S> {
             backend: None,
             mail_refused: None,
             refused: 0,
+            audit,
         }));
         self.reply(replies::sender_ok());
         Flow::Continue
@@ -843,8 +886,15 @@ impl<S: Transport> Session<S> {
             SystemTime::now(),
             &self.conv.shared.rates,
         );
+        if let State::Transaction(tx) = &mut self.state {
+            tx.audit
+                .add_recipient(&to.raw, decision.label(), decision.rule());
+        }
         let rule_limit = match &decision {
-            RcptDecision::AcceptLocal { .. } => None,
+            RcptDecision::AcceptLocal { .. } => {
+                self.conv.shared.metrics.relay_local();
+                None
+            }
             RcptDecision::AcceptRelay {
                 rule,
                 max_message_size,
@@ -957,6 +1007,39 @@ impl<S: Transport> Session<S> {
         }
     }
 
+    /// Counts and audits a transaction decided at the end of DATA.
+    fn audit_final(
+        &self,
+        tx: &mut Transaction,
+        size: u64,
+        violation: Option<crate::smtp::data::DataViolation>,
+        reply: &Reply,
+        outcome: &str,
+    ) {
+        let metrics = &self.conv.shared.metrics;
+        let placeholder = AuditRecord::transaction("", self.conv.peer, "");
+        let mut record = std::mem::replace(&mut tx.audit, placeholder).size(size);
+        record = if let Some(v) = violation {
+            metrics.message_refused(v);
+            record
+                .decision(AuditDecision::Refused)
+                .reason(crate::metrics::violation_label(v))
+        } else if reply.is_positive() {
+            metrics.message_forwarded(size, tx.accepted.len());
+            record.decision(AuditDecision::Delivered)
+        } else if reply.is_transient() {
+            record.decision(AuditDecision::Deferred)
+        } else {
+            record.decision(AuditDecision::Rejected)
+        };
+        if let Some(backend) = outcome.strip_prefix("backend=") {
+            record.backend_reply = Some(backend.to_string());
+        } else {
+            record = record.reason(outcome);
+        }
+        self.conv.shared.audit.record(record);
+    }
+
     /// Streams the message from the client to the backend as it arrives,
     /// then relays the backend's verdict. Returns Err when the client is
     /// gone (the backend transaction is then aborted by closing it without
@@ -1005,6 +1088,12 @@ impl<S: Transport> Session<S> {
                     tx.accepted.len(),
                     why
                 ));
+                let record = tx
+                    .audit
+                    .decision(AuditDecision::Aborted)
+                    .size(receiver.size())
+                    .reason(&format!("client_{why}"));
+                self.conv.shared.audit.record(record);
                 return Err(why);
             }
         }
@@ -1041,6 +1130,7 @@ impl<S: Transport> Session<S> {
                 }
             }
         };
+        self.audit_final(&mut tx, size, receiver.violation(), &reply, &outcome);
         let rcpts: Vec<&str> = tx.accepted.iter().map(|p| p.raw.as_str()).collect();
         tracing::info!(
             session = %self.conv.id,
@@ -1065,6 +1155,18 @@ impl<S: Transport> Session<S> {
         self.reply(reply);
         Ok(())
     }
+}
+
+/// RFC 5321 §3.6.1 and appendix C: a source route (`<@a,@b:user@c>`) is
+/// obsolete and must be ignored. The policy decides on the final mailbox,
+/// and only that is forwarded, so a legacy backend that still honours
+/// routes cannot be made to relay by one.
+fn without_source_route(mut path: Path) -> Path {
+    if !path.source_route.is_empty() {
+        path.raw = path.mailbox.to_string();
+        path.source_route.clear();
+    }
+    path
 }
 
 /// The backend's answer to a transaction's first recipient.

@@ -7,15 +7,17 @@ cannot see — and extracts what the external checkers need.
         probe ports exist, the config's listener and metrics ports are the
         container ports, the security context is the hardened one, the grace
         period outlasts the drain, the ServiceMonitor selects the metrics
-        Service. Writes OUTDIR/relayguard.yaml (the rendered configuration,
-        /etc/relayguard/ paths moved under OUTDIR, for `relayguard check`)
-        and OUTDIR/rules.yml (the PrometheusRule's groups, for promtool).
+        Service. Writes the ConfigMap's files to OUTDIR (relayguard.yaml
+        with /etc/relayguard/ paths moved under OUTDIR, for `relayguard
+        check`), a chart-made users file where the pod would see it, and
+        OUTDIR/rules.yml (the PrometheusRule's groups, for promtool).
 
     crosscheck.py compose REPO
         deploy/compose.yaml: every bind-mounted file exists, the ports the
         sample configuration listens on are published and EXPOSEd by the
         Dockerfile, the stop grace period outlasts the drain.
 """
+import base64
 import re
 import sys
 from pathlib import Path
@@ -118,7 +120,17 @@ def chart(rendered, outdir):
 
     out = Path(outdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "relayguard.yaml").write_text(text.replace("/etc/relayguard/", f"{out.resolve()}/"))
+    # The ConfigMap's files (configuration, policy file, …) side by side, as
+    # in the pod; /etc/relayguard/ paths moved under OUTDIR.
+    for name, content in cm["data"].items():
+        (out / name).write_text(content.replace("/etc/relayguard/", f"{out.resolve()}/"))
+    # A chart-made users file, where the pod mounts it.
+    users = config.get("auth", {}).get("users_file")
+    for sec in by_kind.get("Secret", []):
+        if users and "users.yaml" in sec.get("data", {}):
+            dest = out / Path(users).relative_to("/etc/relayguard")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(base64.b64decode(sec["data"]["users.yaml"]))
     rules = by_kind.get("PrometheusRule", [])
     if rules:
         (out / "rules.yml").write_text(yaml.safe_dump({"groups": rules[0]["spec"]["groups"]}, sort_keys=False))

@@ -262,7 +262,7 @@ async fn explain(
         tls,
     };
     let explanation = policy.explain(&ctx, from, to);
-    print!("{explanation}");
+    println!("{explanation}");
     Ok(explanation.is_allowed())
 }
 

@@ -101,6 +101,15 @@ pub struct ListenerConfig {
     /// accepted without TLS whatever this says.
     #[serde(default = "default_true")]
     pub require_tls_for_auth: bool,
+    /// Every connection starts with a PROXY protocol header (v1 or v2):
+    /// the listener is behind HAProxy or a load balancer, and the address
+    /// in the header is the client's for everything that follows.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// The balancers: only peers in these networks may send the header.
+    /// Required with `proxy_protocol`.
+    #[serde(default)]
+    pub trusted_proxies: crate::proxy_protocol::TrustedProxies,
 }
 
 fn default_true() -> bool {
@@ -350,6 +359,10 @@ pub struct Limits {
     /// Time allowed for a TLS handshake.
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// Time allowed for the PROXY protocol header on `proxy_protocol`
+    /// listeners.
+    #[serde(with = "humantime_serde")]
+    pub proxy_protocol_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -366,6 +379,7 @@ impl Default for Limits {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             tls_handshake_timeout: Duration::from_secs(30),
+            proxy_protocol_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -543,6 +557,20 @@ impl Config {
                     format!("listeners[{i}].certificate"),
                     &l.name,
                     "`certificate` and `key` go together".into(),
+                ));
+            }
+            if l.proxy_protocol && l.trusted_proxies.is_empty() {
+                return Err(err(
+                    format!("listeners[{i}].trusted_proxies"),
+                    "proxy_protocol",
+                    "`proxy_protocol` needs `trusted_proxies`: the networks of the load balancers that send the header".into(),
+                ));
+            }
+            if !l.proxy_protocol && !l.trusted_proxies.is_empty() {
+                return Err(err(
+                    format!("listeners[{i}].trusted_proxies"),
+                    "trusted_proxies",
+                    "`trusted_proxies` without `proxy_protocol: true` has no effect".into(),
                 ));
             }
             if l.tls != TlsMode::None && l.certificate.is_none() && self.tls.is_none() {
@@ -745,6 +773,39 @@ mod tests {
         let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
         assert!(e.contains("listeners[0].tls"), "{e}");
         assert!(e.contains("certificate"), "{e}");
+    }
+
+    #[test]
+    fn proxy_protocol_listener() {
+        let text = MINIMAL.replace(
+            "2525\n",
+            "2525\n    proxy_protocol: true\n    trusted_proxies: [\"10.0.0.0/8\", \"192.0.2.10\"]\n",
+        );
+        let c = Config::from_yaml(&text, "t.yaml").unwrap();
+        assert!(c.listeners[0].proxy_protocol);
+        assert!(c.listeners[0]
+            .trusted_proxies
+            .contains("10.1.2.3".parse().unwrap()));
+        assert_eq!(c.limits.proxy_protocol_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn proxy_protocol_needs_trusted_proxies_and_vice_versa() {
+        let text = MINIMAL.replace("2525\n", "2525\n    proxy_protocol: true\n");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("listeners[0].trusted_proxies"), "{e}");
+        let text = MINIMAL.replace("2525\n", "2525\n    trusted_proxies: [\"10.0.0.0/8\"]\n");
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(e.contains("without `proxy_protocol: true`"), "{e}");
+        let text = MINIMAL.replace(
+            "2525\n",
+            "2525\n    proxy_protocol: true\n    trusted_proxies: [\"10.0.0.7/8\"]\n",
+        );
+        let e = Config::from_yaml(&text, "t.yaml").unwrap_err().to_string();
+        assert!(
+            e.contains("listeners[0].trusted_proxies") && e.contains("host bits"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -62,18 +62,26 @@ pub enum ConnectionRefusal {
     MaxConnections,
     /// `limits.max_connections_per_ip` reached for the client's address.
     MaxConnectionsPerIp,
+    /// A `proxy_protocol` listener, and the peer is not a trusted proxy.
+    ProxyUntrusted,
+    /// A trusted proxy, but no valid PROXY header in time.
+    ProxyHeader,
 }
 
 impl ConnectionRefusal {
-    pub const ALL: [ConnectionRefusal; 2] = [
+    pub const ALL: [ConnectionRefusal; 4] = [
         ConnectionRefusal::MaxConnections,
         ConnectionRefusal::MaxConnectionsPerIp,
+        ConnectionRefusal::ProxyUntrusted,
+        ConnectionRefusal::ProxyHeader,
     ];
 
     pub fn label(self) -> &'static str {
         match self {
             ConnectionRefusal::MaxConnections => "max_connections",
             ConnectionRefusal::MaxConnectionsPerIp => "max_connections_per_ip",
+            ConnectionRefusal::ProxyUntrusted => "proxy_untrusted",
+            ConnectionRefusal::ProxyHeader => "proxy_header",
         }
     }
 }

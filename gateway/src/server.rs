@@ -53,6 +53,8 @@ pub struct ListenerInfo {
     pub mode: TlsMode,
     pub acceptor: Option<TlsAcceptor>,
     pub certs: Option<Arc<CertStore>>,
+    /// `proxy_protocol: true`: the peers that may send the header.
+    pub proxy: Option<crate::proxy_protocol::TrustedProxies>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,11 +113,20 @@ enum Refusal {
 
 impl ConnectionLimits {
     fn admit(&self, ip: IpAddr) -> Result<Admission, Refusal> {
-        let permit = self
-            .total
+        self.admit_ip(self.admit_total()?, ip)
+    }
+
+    /// A place under `max_connections`, before the client's address is
+    /// known (a PROXY header is still to be read).
+    fn admit_total(&self) -> Result<OwnedSemaphorePermit, Refusal> {
+        self.total
             .clone()
             .try_acquire_owned()
-            .map_err(|_| Refusal::Total)?;
+            .map_err(|_| Refusal::Total)
+    }
+
+    /// The per-address limit, for the client's real address.
+    fn admit_ip(&self, permit: OwnedSemaphorePermit, ip: IpAddr) -> Result<Admission, Refusal> {
         let mut map = self.per_ip.lock().unwrap_or_else(|p| p.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
@@ -198,6 +209,7 @@ impl Server {
                     mode: l.tls,
                     acceptor,
                     certs: store,
+                    proxy: l.proxy_protocol.then(|| l.trusted_proxies.clone()),
                 }),
                 tcp,
             ));
@@ -297,6 +309,54 @@ async fn accept_loop(
         };
         let _ = tcp.set_nodelay(true);
         shared.metrics.connection_accepted(&info.name);
+        if let Some(trusted) = &info.proxy {
+            if !trusted.contains(peer.ip()) {
+                // No SMTP reply: whoever this is did not come through the
+                // balancer, and anything we say would be read as SMTP.
+                shared
+                    .metrics
+                    .connection_refused(&info.name, ConnectionRefusal::ProxyUntrusted);
+                tracing::warn!(listener = %info.name, client = %peer,
+                    reason = ConnectionRefusal::ProxyUntrusted.label(), "connection refused");
+                continue;
+            }
+            let permit = match shared.limits.admit_total() {
+                Ok(p) => p,
+                Err(refusal) => {
+                    refuse_admission(&shared, &info, tcp, peer, refusal);
+                    continue;
+                }
+            };
+            let shared = shared.clone();
+            let info = info.clone();
+            tracker.spawn(async move {
+                let mut tcp = tcp;
+                let timeout = shared.config.limits.proxy_protocol_timeout;
+                let client = match crate::proxy_protocol::read_proxy_header(&mut tcp, timeout).await
+                {
+                    // LOCAL / UNKNOWN (a balancer's health check): its own address.
+                    Ok(header) => header.source.unwrap_or(peer),
+                    Err(e) => {
+                        shared
+                            .metrics
+                            .connection_refused(&info.name, ConnectionRefusal::ProxyHeader);
+                        tracing::warn!(listener = %info.name, client = %peer,
+                            reason = ConnectionRefusal::ProxyHeader.label(),
+                            error = %e, detail = e.label(), "connection refused");
+                        return;
+                    }
+                };
+                match shared.limits.admit_ip(permit, client.ip()) {
+                    Ok(admission) => {
+                        let active = shared.metrics.connection_opened(&info.name);
+                        handle(shared, info, tcp, client).await;
+                        drop((admission, active));
+                    }
+                    Err(refusal) => refuse_admission(&shared, &info, tcp, client, refusal),
+                }
+            });
+            continue;
+        }
         match shared.limits.admit(peer.ip()) {
             Ok(admission) => {
                 let active = shared.metrics.connection_opened(&info.name);
@@ -307,25 +367,35 @@ async fn accept_loop(
                     drop((admission, active));
                 });
             }
-            Err(refusal) => {
-                let (reply, reason) = match refusal {
-                    Refusal::Total => (
-                        replies::too_many_connections(),
-                        ConnectionRefusal::MaxConnections,
-                    ),
-                    Refusal::PerIp => (
-                        replies::too_many_from_ip(),
-                        ConnectionRefusal::MaxConnectionsPerIp,
-                    ),
-                };
-                shared.metrics.connection_refused(&info.name, reason);
-                let reason = reason.label();
-                tracing::warn!(listener = %info.name, client = %peer, reason, "connection refused");
-                if info.mode != TlsMode::Implicit {
-                    tokio::spawn(refuse(tcp, reply));
-                }
-            }
+            Err(refusal) => refuse_admission(&shared, &info, tcp, peer, refusal),
         }
+    }
+}
+
+/// Over `max_connections` or `max_connections_per_ip`: counted, logged,
+/// told `421` (except on implicit TLS, where there is no SMTP yet).
+fn refuse_admission(
+    shared: &Shared,
+    info: &ListenerInfo,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    refusal: Refusal,
+) {
+    let (reply, reason) = match refusal {
+        Refusal::Total => (
+            replies::too_many_connections(),
+            ConnectionRefusal::MaxConnections,
+        ),
+        Refusal::PerIp => (
+            replies::too_many_from_ip(),
+            ConnectionRefusal::MaxConnectionsPerIp,
+        ),
+    };
+    shared.metrics.connection_refused(&info.name, reason);
+    let reason = reason.label();
+    tracing::warn!(listener = %info.name, client = %peer, reason, "connection refused");
+    if info.mode != TlsMode::Implicit {
+        tokio::spawn(refuse(tcp, reply));
     }
 }
 

@@ -97,14 +97,54 @@ class Sink:
         self.proc.kill()
 
 
-def start_relayguard(sink_port, tmp):
+AUTH_SECTION = """auth:
+  ntlm:
+    netbios_domain: DEMO
+    netbios_computer: RELAYGUARD
+    dns_domain: demo.test
+    dns_computer: relayguard.demo.test
+  users_file: users.yaml
+  lockout:
+    failure_delay: 0s
+"""
+
+USERS = """users:
+  - user: alice
+    domain: DEMO
+    nt_hash: 406660820be8180b5d0f94dfd556cee1
+    groups: [relay-senders]
+    mail: [loadgen@example.test]
+"""
+
+
+def big_policy(rules):
+    """A policy of `rules` rules; the last one is the one that matches."""
+    out = ["policy:", "  local_domains: [example.test]", "  rules:"]
+    for i in range(rules - 1):
+        out += [f"    - name: rule-{i}", f"      users: [nobody{i}]",
+                f"      recipient_domains: [dest{i}.test]"]
+    out += ["    - name: relay-senders", "      groups: [relay-senders]",
+            "      recipient_domains: ['*']"]
+    return "\n".join(out) + "\n"
+
+
+def start_relayguard(sink_port, tmp, auth=False, rules=0, name="relayguard"):
     port = free_port()
-    cfg = os.path.join(tmp, "relayguard.yaml")
+    cfg = os.path.join(tmp, f"{name}.yaml")
+    policy = big_policy(rules) if rules else "policy:\n  local_domains: [example.test]\n"
+    if auth:
+        with open(os.path.join(tmp, "users.yaml"), "w") as f:
+            f.write(USERS)
+            # The users the big policy's rules name must exist: a rule
+            # naming an unknown user is a configuration error.
+            for i in range(rules):
+                f.write(f"  - user: nobody{i}\n    domain: DEMO\n    nt_hash: {'0' * 32}\n")
     with open(cfg, "w") as f:
         f.write(f"""hostname: bench.relayguard.test
 listeners:
   - name: smtp
     address: 127.0.0.1:{port}
+    require_tls_for_auth: false
 backend:
   servers: ["127.0.0.1:{sink_port}"]
   pool:
@@ -112,9 +152,9 @@ backend:
 limits:
   max_connections: 20000
   max_connections_per_ip: 20000
-policy:
-  local_domains: [example.test]
-""")
+audit:
+  sink: none
+{AUTH_SECTION if auth else ""}{policy}""")
     binary = os.path.join(ROOT, "target", "release", "relayguard")
     env = dict(os.environ, RELAYGUARD_LOG="warn")
     proc = subprocess.Popen([binary, "run", "--config", cfg], stderr=subprocess.DEVNULL, env=env)
@@ -157,6 +197,51 @@ def smtp_source(port, sessions, messages, length, per_connection):
     return time.perf_counter() - start
 
 
+LOADGEN = os.path.join(ROOT, "target", "release", "relayguard-loadgen")
+
+
+def loadgen(port, sessions, parallel, *flags):
+    """Runs the NTLM load generator; returns its key=value results."""
+    out = subprocess.run([LOADGEN, "handshakes", f"127.0.0.1:{port}", "alice", "DEMO", "alice-pass",
+                          str(sessions), str(parallel), *flags],
+                         check=True, capture_output=True, text=True, timeout=600).stdout
+    return {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
+
+
+def auth_benchmark(sink, tmp, rounds, sessions, parallel):
+    """AUTH NTLM + relay policy against the same load without AUTH, and
+    policy of 1,000 rules against a minimal one, interleaved; plus
+    in-process verifications per core."""
+    big, big_port = start_relayguard(sink.port, tmp, auth=True, rules=1000, name="rg-policy1000")
+    plain, plain_port = start_relayguard(sink.port, tmp, auth=True, rules=0, name="rg-auth")
+    results = {k: [] for k in ("no_auth", "ntlm", "ntlm_policy1000", "handshakes", "auth_p50", "auth_p99")}
+    try:
+        for _ in range(rounds):
+            results["no_auth"].append(loadgen(plain_port, sessions, parallel, "--message", "--no-auth")["per_second"])
+            r = loadgen(plain_port, sessions, parallel, "--message")
+            results["ntlm"].append(r["per_second"])
+            results["ntlm_policy1000"].append(loadgen(big_port, sessions, parallel, "--message")["per_second"])
+            h = loadgen(plain_port, sessions, parallel)
+            results["handshakes"].append(h["per_second"])
+            results["auth_p50"].append(h["auth_p50_ms"])
+            results["auth_p99"].append(h["auth_p99_ms"])
+    finally:
+        plain.kill()
+        big.kill()
+    verify = subprocess.run([LOADGEN, "verify", "3"], check=True, capture_output=True, text=True).stdout
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nAUTH NTLM through the gateway ({sessions} sessions per run, {parallel} parallel, one message each, "
+          f"median of {rounds} interleaved rounds):\n")
+    print("| load | sessions/s (median) | ratio to no AUTH |")
+    print("|---|---|---|")
+    print(f"| no AUTH, one message | {med['no_auth']:.0f} | 1.00 |")
+    print(f"| AUTH NTLM + policy, one message | {med['ntlm']:.0f} | {med['ntlm'] / med['no_auth']:.2f} |")
+    print(f"| AUTH NTLM + policy of 1,000 rules | {med['ntlm_policy1000']:.0f} | {med['ntlm_policy1000'] / med['no_auth']:.2f} |")
+    print(f"\nFull NTLM handshakes per second (connect, EHLO, 3-step AUTH, QUIT): {med['handshakes']:.0f}; "
+          f"AUTH exchange p50 {med['auth_p50']:.2f} ms, p99 {med['auth_p99']:.2f} ms")
+    print(f"In-process NTLMv2 verifications (users file): {verify.strip()}")
+
+
 def idle_memory(pid, port, count):
     """RSS growth per idle connection that has read its greeting."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -187,15 +272,23 @@ def main():
     ap.add_argument("--idle", type=int, default=1000)
     ap.add_argument("--quick", action="store_true", help="1 round, few messages (smoke test)")
     ap.add_argument("--idle-only", action="store_true", help="only measure memory per idle connection")
+    ap.add_argument("--auth-only", action="store_true", help="only the AUTH NTLM / policy benchmark")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.messages, args.idle = 1, 200, 200
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    subprocess.run(["cargo", "build", "--release", "-p", "relayguard"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "relayguard", "-p", "relayguard-e2e",
+                    "--bin", "relayguard", "--bin", "relayguard-loadgen"], cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="relayguard-bench-")
     sink = Sink()
+    if args.auth_only:
+        try:
+            auth_benchmark(sink, tmp, args.rounds, max(args.messages // 3, 100), args.sessions)
+        finally:
+            sink.stop()
+        return
     rg, rg_port = start_relayguard(sink.port, tmp)
     ha, ha_port = start_haproxy(sink.port, tmp)
     contenders = [("direct", None, sink.port), ("relayguard", rg, rg_port)]

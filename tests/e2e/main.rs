@@ -14,6 +14,7 @@ mod backend_tls;
 mod core;
 mod lifecycle;
 mod observability;
+mod policy;
 mod protocol;
 mod proxy;
 mod tls;

@@ -92,13 +92,13 @@ fn client_address_is_the_one_behind_haproxy(header: ProxyHeader) {
 }
 
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn haproxy_send_proxy_v1_gives_the_client_address() {
     client_address_is_the_one_behind_haproxy(ProxyHeader::V1);
 }
 
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn haproxy_send_proxy_v2_gives_the_client_address() {
     client_address_is_the_one_behind_haproxy(ProxyHeader::V2);
 }
@@ -107,7 +107,7 @@ fn haproxy_send_proxy_v2_gives_the_client_address() {
 /// network 127.0.0.2/32 may relay without AUTH, 127.0.0.3 may not — both
 /// through the same HAProxy, whose own address (127.0.0.1) is in neither.
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn relay_policy_sees_the_client_network() {
     let (sink, gw) = proxied_gateway(&[(
         "policy.trusted_networks",
@@ -140,7 +140,7 @@ fn relay_policy_sees_the_client_network() {
 /// gateway does not trust: refused before any SMTP, nothing delivered,
 /// logged and counted as `proxy_untrusted`.
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn header_from_an_untrusted_proxy_is_refused() {
     let (sink, gw) = proxied_gateway(&[]);
     let lb = Haproxy::start(&[
@@ -167,7 +167,7 @@ fn header_from_an_untrusted_proxy_is_refused() {
 /// A client that writes a PROXY header itself, claiming another address,
 /// is refused just the same: only the TCP peer's address decides trust.
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn spoofed_header_from_a_client_is_refused() {
     let (sink, gw) = proxied_gateway(&[]);
     for header in [
@@ -202,7 +202,7 @@ fn spoofed_header_from_a_client_is_refused() {
 /// A trusted balancer that forgets the header (a plain TCP relay) does not
 /// get a session either: the first bytes are not a PROXY header.
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn trusted_peer_without_a_header_is_refused() {
     let (sink, gw) = proxied_gateway(&[]);
     let mut c = Client::connect_from(gw.addr("smtp"), ip("127.0.0.1"));
@@ -219,7 +219,7 @@ fn trusted_peer_without_a_header_is_refused() {
 /// from the same client is over the limit. (Before PROXY support every
 /// client behind HAProxy was 127.0.0.1 and the second one was refused.)
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn per_address_limit_applies_to_the_real_client() {
     let (sink, gw) = proxied_gateway(&[("limits.max_connections_per_ip", "1")]);
     let lb = Haproxy::start(&[
@@ -276,7 +276,7 @@ fn per_address_limit_applies_to_the_real_client() {
 /// header: the connection is served with the balancer's own address, not
 /// refused (a refused health check would take the gateway out of rotation).
 #[test]
-#[ignore = "waiting for PROXY wiring"]
+
 fn v2_local_header_keeps_the_connection_address() {
     let (sink, gw) = proxied_gateway(&[]);
     let mut c = Client::connect_from(gw.addr("smtp"), ip("127.0.0.1"));

@@ -135,6 +135,11 @@ struct Transaction {
     /// The smallest message size limit of the rules that accepted a
     /// recipient (the global limit when none set one).
     size_limit: u64,
+    /// Rules whose `messages` rate already counted this message.
+    charged: std::collections::BTreeSet<String>,
+    /// A recipient's decision asked for the header `From:` to be held to
+    /// the sender binding too.
+    check_header_from: bool,
     rcpt_attempts: usize,
     accepted: Vec<Path>,
     backend: Option<Connection>,
@@ -849,6 +854,8 @@ impl<S: Transport> Session<S> {
             params,
             policy,
             size_limit: max,
+            charged: Default::default(),
+            check_header_from: false,
             rcpt_attempts: 0,
             accepted: Vec::new(),
             backend: None,
@@ -862,7 +869,7 @@ impl<S: Transport> Session<S> {
 
     async fn rcpt(&mut self, to: Path) -> Flow {
         let max_rcpts = self.shared().config.limits.max_recipients;
-        let (policy, from, accepted) = match &mut self.state {
+        let (policy, from, accepted, mut charged) = match &mut self.state {
             State::Transaction(tx) => {
                 if tx.rcpt_attempts >= max_rcpts {
                     self.reply(replies::too_many_recipients());
@@ -873,23 +880,35 @@ impl<S: Transport> Session<S> {
                     tx.policy.clone(),
                     tx.sender().to_string(),
                     tx.accepted.len(),
+                    std::mem::take(&mut tx.charged),
                 )
             }
             State::Fresh => return self.error(replies::need_helo()),
             State::Ready => return self.error(replies::need_mail()),
         };
-        let decision = policy.check_recipient(
+        let decision = policy.check_recipient_in_transaction(
             &self.policy_context(),
             &from,
             &to.raw,
             accepted,
+            &mut charged,
             SystemTime::now(),
             &self.conv.shared.rates,
         );
         if let State::Transaction(tx) = &mut self.state {
+            tx.charged = charged;
             tx.audit
                 .add_recipient(&to.raw, decision.label(), decision.rule());
         }
+        let wants_header_check = matches!(
+            decision,
+            RcptDecision::AcceptLocal {
+                check_header_from: true
+            } | RcptDecision::AcceptRelay {
+                check_header_from: true,
+                ..
+            }
+        );
         let rule_limit = match &decision {
             RcptDecision::AcceptLocal { .. } => {
                 self.conv.shared.metrics.relay_local();
@@ -936,6 +955,7 @@ impl<S: Transport> Session<S> {
         if let Some(limit) = rule_limit {
             tx.size_limit = tx.size_limit.min(limit);
         }
+        tx.check_header_from |= wants_header_check;
         if let Some(refusal) = &tx.mail_refused {
             let r = replies::mirror(refusal, (1, 0));
             self.reply(r);
@@ -1068,9 +1088,15 @@ impl<S: Transport> Session<S> {
         .header();
         let mut backend_error: Option<BackendError> = conn.body(header.as_bytes()).await.err();
         let mut out = Vec::with_capacity(DATA_READ_CHUNK);
+        let mut header_from = tx
+            .check_header_from
+            .then(crate::smtp::header_from::HeaderFromScanner::new);
         loop {
             let (consumed, status) = receiver.ingest(&self.rbuf, &mut out);
             self.rbuf.advance(consumed);
+            if let Some(scan) = header_from.as_mut() {
+                scan.push(&out);
+            }
             if !out.is_empty() && backend_error.is_none() && receiver.violation().is_none() {
                 backend_error = conn.body(&out).await.err();
             }
@@ -1098,7 +1124,35 @@ impl<S: Transport> Session<S> {
             }
         }
         let size = receiver.size();
-        let (reply, outcome) = if let Some(v) = receiver.violation() {
+        let spoofed = header_from.as_ref().and_then(|scan| {
+            let ctx = self.policy_context();
+            scan.addresses().into_iter().find_map(|addr| {
+                match tx.policy.sender_allowed(&ctx, &addr) {
+                    SenderDecision::Accept => None,
+                    denied => Some((addr, denied)),
+                }
+            })
+        });
+        let (reply, outcome) = if let Some((addr, denied)) = spoofed {
+            // The body went to the backend already; closing without the
+            // final dot makes it throw the message away.
+            drop(conn);
+            self.policy_refusal("data", None, "header_from_mismatch", tx.sender(), &addr);
+            let (code, e, _) = denied.reply();
+            let who = self
+                .principal
+                .as_ref()
+                .map(|p| p.display())
+                .unwrap_or_default();
+            (
+                Reply::new(
+                    code,
+                    E(e.0, e.1, e.2),
+                    format!("Header From: <{addr}> is not an address of {who}; message refused"),
+                ),
+                "refused=header_from".to_string(),
+            )
+        } else if let Some(v) = receiver.violation() {
             drop(conn);
             (
                 replies::data_violation(v, tx.size_limit, limits.max_line_length),

@@ -18,5 +18,6 @@
 
 pub mod command;
 pub mod data;
+pub mod header_from;
 pub mod line;
 pub mod reply;

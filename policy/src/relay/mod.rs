@@ -677,6 +677,13 @@ impl Policy {
         self.sender_decision(ctx, from, Some((now, limits)))
     }
 
+    /// Whether `ctx` may use `from` as a sender, without counting anything
+    /// against a rate: for the header `From:` check, after MAIL FROM
+    /// already counted the message.
+    pub fn sender_allowed(&self, ctx: &Context<'_>, from: &str) -> SenderDecision {
+        self.sender_decision(ctx, from, None)
+    }
+
     fn sender_decision(
         &self,
         ctx: &Context<'_>,
@@ -773,13 +780,42 @@ impl Policy {
         now: SystemTime,
         limits: &RateLimiter,
     ) -> RcptDecision {
-        self.rcpt_decision(ctx, from, to, rcpt_index, Some((now, limits)), None)
+        self.rcpt_decision(ctx, from, to, rcpt_index, Some((now, limits)), None, None)
             .0
+    }
+
+    /// [`Policy::check_recipient`] for a gateway that keeps, per
+    /// transaction, the names of the rules that already counted this
+    /// message (`charged`, empty at MAIL FROM): a rule's `messages` rate
+    /// then counts the message at the first recipient *that rule* relays,
+    /// whatever recipients came before it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_recipient_in_transaction(
+        &self,
+        ctx: &Context<'_>,
+        from: &str,
+        to: &str,
+        rcpt_index: usize,
+        charged: &mut std::collections::BTreeSet<String>,
+        now: SystemTime,
+        limits: &RateLimiter,
+    ) -> RcptDecision {
+        self.rcpt_decision(
+            ctx,
+            from,
+            to,
+            rcpt_index,
+            Some((now, limits)),
+            None,
+            Some(charged),
+        )
+        .0
     }
 
     /// The recipient decision, optionally recording why each rule before
     /// the winner did not match (`trace`, for explanations; then every rule
     /// is scanned in order instead of using the index).
+    #[allow(clippy::too_many_arguments)]
     fn rcpt_decision(
         &self,
         ctx: &Context<'_>,
@@ -788,6 +824,7 @@ impl Policy {
         rcpt_index: usize,
         limits: Option<(SystemTime, &RateLimiter)>,
         trace: Option<&mut Vec<Step>>,
+        charged: Option<&mut std::collections::BTreeSet<String>>,
     ) -> (RcptDecision, Option<Dest>) {
         let to = match address::parse_path(to, Role::Recipient) {
             Ok(p) => p,
@@ -821,7 +858,7 @@ impl Policy {
                     (None, None) => None,
                 };
                 match rule {
-                    Some(rule) => self.relay(&p, rule, &from, hops, rcpt_index, limits),
+                    Some(rule) => self.relay(&p, rule, &from, hops, rcpt_index, limits, charged),
                     None => no_rule(&p, &dest, *via_local_part).into(),
                 }
             }
@@ -942,6 +979,7 @@ impl Policy {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn relay(
         &self,
         p: &Prepared<'_>,
@@ -950,6 +988,7 @@ impl Policy {
         hops: &[Host],
         rcpt_index: usize,
         limits: Option<(SystemTime, &RateLimiter)>,
+        charged: Option<&mut std::collections::BTreeSet<String>>,
     ) -> RcptDecision {
         let r = Some(rule);
         if !rule.allow_address_literals && hops.iter().any(|h| matches!(h, Host::Literal(_))) {
@@ -1013,13 +1052,20 @@ impl Policy {
             }
         }
         if let Some((now, limiter)) = limits {
+            let first_for_rule = match &charged {
+                Some(c) => !c.contains(&rule.name),
+                None => rcpt_index == 0,
+            };
             let mut charges = self.charges(p, None, &self.rates, 0, 1);
-            charges.extend(self.charges(p, r, &rule.rates, u32::from(rcpt_index == 0), 1));
+            charges.extend(self.charges(p, r, &rule.rates, u32::from(first_for_rule), 1));
             if let Err((retry_after, i)) = limiter.charge(now, &charges) {
                 return RcptDecision::RateLimited {
                     retry_after,
                     rule: rule_of(&charges[i]),
                 };
+            }
+            if let Some(c) = charged {
+                c.insert(rule.name.clone());
             }
         }
         RcptDecision::AcceptRelay {
@@ -1073,7 +1119,7 @@ impl Policy {
     pub fn explain(&self, ctx: &Context<'_>, from: &str, to: &str) -> Explanation {
         let sender = self.sender_decision(ctx, from, None);
         let mut steps = Vec::new();
-        let (decision, dest) = self.rcpt_decision(ctx, from, to, 0, None, Some(&mut steps));
+        let (decision, dest) = self.rcpt_decision(ctx, from, to, 0, None, Some(&mut steps), None);
         Explanation {
             client: describe_client(ctx),
             from: canonical_or_raw(from, Role::Sender),

@@ -144,7 +144,10 @@ only report at run time. Included by the ConfigMap, so every render runs it.
 {{- end }}
 {{- $listeners = append $listeners $l }}
 {{- end }}
-{{- $cfg := dict "hostname" .Values.hostname "listeners" $listeners "backend" .Values.backend "policy" .Values.policy }}
+{{- $cfg := dict "hostname" .Values.hostname "listeners" $listeners "backend" .Values.backend }}
+{{- if .Values.policy }}
+{{- $_ := set $cfg "policy" .Values.policy }}
+{{- end }}
 {{- if .Values.tls.enabled }}
 {{- $_ := set $cfg "tls" (dict "certificate" "/etc/relayguard/tls/tls.crt" "key" "/etc/relayguard/tls/tls.key" "reload_interval" .Values.tls.reloadInterval) }}
 {{- end }}

@@ -345,3 +345,41 @@ fn broken_or_hung_ntlm_auth_is_a_temporary_failure() {
         f.assert_failures_logged(&[label, label]);
     }
 }
+
+// ---------------------------------------------------------------- benchmark
+
+/// The latency the directory adds to an AUTH NTLM, against the users file,
+/// in the same run (interleaved). Not a timed test: it prints the medians
+/// for BENCHMARKS.md and asserts only that every exchange succeeded.
+/// `cargo test -p relayguard-e2e --test e2e -- --ignored --nocapture ad_latency`
+#[test]
+#[ignore = "benchmark: run by hand"]
+fn ad_latency_against_the_users_file() {
+    use relayguard_e2e::IdentitySource::UsersFile;
+    use std::time::Instant;
+    let sources = [UsersFile, ActiveDirectory];
+    let fixtures: Vec<Fixture> = sources.iter().map(|s| start_with(*s, |c| c)).collect();
+    let mut samples: Vec<Vec<f64>> = vec![Vec::new(); sources.len()];
+    for _ in 0..200 {
+        for (i, (src, f)) in sources.iter().zip(&fixtures).enumerate() {
+            let mut c = f.client();
+            let creds = ntlm::creds(&src.alice());
+            let started = Instant::now();
+            ntlm::send_auth(&mut c, &creds, ClientOptions::default());
+            c.expect("235 2.7.0");
+            samples[i].push(started.elapsed().as_secs_f64() * 1e3);
+            c.send("QUIT").expect("221");
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[v.len() * 99 / 100])
+    };
+    let (users_p50, users_p99) = median(&mut samples[0]);
+    let (ad_p50, ad_p99) = median(&mut samples[1]);
+    println!(
+        "AUTH NTLM exchange, 200 each, interleaved: users file p50 {users_p50:.2} ms p99 {users_p99:.2} ms; \
+         Active Directory p50 {ad_p50:.2} ms p99 {ad_p99:.2} ms; added by the directory (p50) {:.2} ms",
+        ad_p50 - users_p50
+    );
+}

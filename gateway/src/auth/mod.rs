@@ -170,45 +170,36 @@ impl AuthConfig {
 /// Who the client proved to be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Principal {
-    pub user: String,
-    pub domain: String,
-    pub groups: Vec<String>,
+    /// Who, with groups and own addresses, as the relay policy sees it.
+    pub relay: policy::relay::Principal,
     pub mechanism: Mechanism,
-    /// Addresses this account may send as (users file `mail`).
-    pub addresses: Vec<String>,
     /// NTLM version, for logs (`v2`, or `v1` when allowed and weak).
     pub detail: Option<&'static str>,
-    /// The same principal as the relay policy sees it.
-    pub relay: policy::relay::Principal,
 }
 
 impl Principal {
     fn from_account(a: Account, mechanism: Mechanism, detail: Option<&'static str>) -> Self {
         let relay = policy::relay::Principal {
-            user: a.user.clone(),
-            domain: a.domain.clone(),
-            groups: a.groups.clone(),
+            user: a.user,
+            domain: a.domain,
+            groups: a.groups,
             mechanism: match mechanism {
                 Mechanism::Ntlm => policy::relay::Mechanism::Ntlm,
                 Mechanism::Plain => policy::relay::Mechanism::Plain,
                 Mechanism::Login => policy::relay::Mechanism::Login,
             },
-            addresses: a.mail.clone(),
+            addresses: a.mail,
         };
         Principal {
             relay,
-            user: a.user,
-            domain: a.domain,
-            groups: a.groups,
             mechanism,
-            addresses: a.mail,
             detail,
         }
     }
 
     /// `DOMAIN\user`, as Windows writes it.
     pub fn display(&self) -> String {
-        format!("{}\\{}", self.domain, self.user)
+        self.relay.to_string()
     }
 }
 

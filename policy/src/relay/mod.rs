@@ -24,7 +24,6 @@
 //! The policy language is documented on [`Policy::from_yaml`].
 
 pub mod address;
-mod compat;
 mod explain;
 mod file;
 mod rate;
@@ -37,7 +36,6 @@ use std::path::Path as FsPath;
 use std::time::{Duration, SystemTime};
 
 pub use address::{normalize_domain, AddressError, DomainPattern, PatternError};
-pub use compat::{Decision, RecipientDomain, RelayPolicy};
 pub use explain::{Explanation, Step, StepOutcome};
 pub use file::{KnownPrincipals, Per, PolicyError};
 pub use rate::RateLimiter;

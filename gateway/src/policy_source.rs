@@ -48,16 +48,15 @@ pub fn inline_section(text: &str, key: &str) -> Option<InlineSection> {
     let indent = body
         .iter()
         .filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
-        .map(|l| l.len() - l.trim_start().len())
+        // YAML indents with spaces only; counting other (possibly
+        // multi-byte) whitespace would slice inside a character.
+        .map(|l| l.len() - l.trim_start_matches(' ').len())
         .min()?;
     let text = body
         .iter()
         .map(|l| {
-            if l.len() >= indent {
-                &l[indent..]
-            } else {
-                l.trim_start()
-            }
+            let spaces = l.len() - l.trim_start_matches(' ').len();
+            &l[spaces.min(indent)..]
         })
         .collect::<Vec<_>>()
         .join("\n");
@@ -174,5 +173,22 @@ mod tests {
         let e = relocate(e, &s).to_string();
         assert!(e.starts_with("c.yaml:4:3"), "{e}");
         assert!(e.contains("rulez"), "{e}");
+    }
+
+    /// Found by the `config_loader` fuzz target's harness (gateway/fuzz):
+    /// `inline_section` measures each line's indent with `trim_start`,
+    /// which also strips Unicode whitespace such as U+00A0, then slices
+    /// every line at the smallest indent in bytes. A flow sequence whose
+    /// continuation line starts with " \u{a0}" gives an indent of 2 and a
+    /// slice inside the two-byte U+00A0, and `Config::from_yaml` (so
+    /// `relayguard check` and start-up) panics instead of reporting.
+    #[test]
+    fn regression_config_loader_inline_policy_non_ascii_indent() {
+        let text = "listeners:\n  - name: smtp\n    address: 127.0.0.1:25\n    tls: none\n\
+                    backend:\n  servers: [\"127.0.0.1:25\"]\n\
+                    policy:\n  local_domains: [a.test,\n \u{a0}b.test]\n";
+        // Must not panic; whether it is accepted is up to the YAML parser.
+        let _ = Config::from_yaml(text, "c.yaml");
+        let _ = inline_section(text, "policy");
     }
 }

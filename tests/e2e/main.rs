@@ -12,6 +12,7 @@ mod auth_ad;
 mod backend;
 mod backend_tls;
 mod core;
+mod faults;
 mod lifecycle;
 mod observability;
 mod policy;

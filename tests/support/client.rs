@@ -189,6 +189,13 @@ impl Client {
         Client::over(tcp, addr)
     }
 
+    /// Connects over plain TCP, returning the error instead of panicking
+    /// (for a gateway that may have stopped listening).
+    pub fn try_connect(addr: SocketAddr) -> io::Result<Client> {
+        let tcp = TcpStream::connect_timeout(&addr, READ_TIMEOUT)?;
+        Ok(Client::over(tcp, addr))
+    }
+
     /// Connects from another loopback source address (e.g. `127.0.0.2`),
     /// to play a second client machine.
     pub fn connect_from(addr: SocketAddr, source: IpAddr) -> Client {
@@ -405,6 +412,12 @@ impl Client {
         tcp.set_read_timeout(Some(READ_TIMEOUT))
             .expect("set_read_timeout");
         closed
+    }
+
+    /// A second handle on the plain TCP socket, to write from another
+    /// thread (bypassing the transcript) while this client reads.
+    pub fn try_clone_stream(&self) -> TcpStream {
+        self.stream.tcp().try_clone().expect("clone socket")
     }
 
     /// The conversation so far, one line per command or reply line.

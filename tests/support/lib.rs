@@ -30,7 +30,7 @@ pub use auth::{
 pub use certs::{pem_to_der, test_cert};
 pub use client::{dot_stuff, Client, Reply};
 pub use config::{config, Config};
-pub use fake_backend::{DataBehaviour, FakeBackend, FakeMessage};
+pub use fake_backend::{DataBehaviour, FakeBackend, FakeMessage, Fault, GARBAGE};
 pub use gateway::{relayguard_bin, Gateway};
 pub use haproxy::{Frontend, Haproxy, ProxyHeader};
 pub use samba::{DcGroup, DcUser, SambaDc};

@@ -200,6 +200,10 @@ pub struct Session<S> {
     junk: u32,
     /// Bytes of a refused BDAT chunk still to be thrown away.
     discard: u64,
+    /// When the command line being received must be complete: set when
+    /// its first byte is awaited, so a client dribbling a byte at a time
+    /// cannot hold the session beyond `command_timeout`.
+    line_deadline: Option<tokio::time::Instant>,
     /// Backend connection kept between this client's transactions.
     idle_backend: Option<Connection>,
     /// An AUTH exchange waiting for the client's next line.
@@ -241,6 +245,7 @@ impl<S: Transport> Session<S> {
             esmtp: false,
             junk: 0,
             discard: 0,
+            line_deadline: None,
             idle_backend: None,
             exchange: None,
             principal: None,
@@ -313,6 +318,7 @@ impl<S: Transport> Session<S> {
                 let Some(line) = self.lines.next_line(&mut self.rbuf) else {
                     break;
                 };
+                self.line_deadline = None;
                 let flow = match line {
                     // Boxed: the command futures (backend connect, TLS,
                     // AUTH) are large, and an idle session should not
@@ -395,13 +401,25 @@ impl<S: Transport> Session<S> {
         };
         let shutdown = self.conv.shared.shutdown.clone();
         let idle = !self.in_transaction() && chunk == COMMAND_READ_CHUNK;
+        // Message data: each block within `data_timeout` (RFC 5321
+        // §4.5.3.2). Commands: the whole line within `command_timeout`.
+        let deadline = if chunk == DATA_READ_CHUNK {
+            tokio::time::Instant::now() + timeout
+        } else {
+            if self.rbuf.is_empty() && !self.lines.is_discarding() {
+                self.line_deadline = None;
+            }
+            *self
+                .line_deadline
+                .get_or_insert_with(|| tokio::time::Instant::now() + timeout)
+        };
         if self.rbuf.is_empty() {
             // Give the buffers back while waiting; they are allocated
             // again when input actually arrives.
             self.rbuf = BytesMut::new();
             self.wbuf = Vec::new();
             let io = &self.io;
-            let wait = tokio::time::timeout(timeout, io.wait_readable());
+            let wait = tokio::time::timeout_at(deadline, io.wait_readable());
             tokio::select! {
                 r = wait => match r {
                     Err(_) => return Err("timeout"),
@@ -412,7 +430,7 @@ impl<S: Transport> Session<S> {
             }
         }
         self.rbuf.reserve(chunk);
-        let read = tokio::time::timeout(timeout, self.io.read_buf(&mut self.rbuf));
+        let read = tokio::time::timeout_at(deadline, self.io.read_buf(&mut self.rbuf));
         let n = tokio::select! {
             r = read => match r {
                 Err(_) => return Err("timeout"),

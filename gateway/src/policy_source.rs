@@ -175,7 +175,7 @@ mod tests {
         assert!(e.contains("rulez"), "{e}");
     }
 
-    /// Found by the `config_loader` fuzz target's harness (gateway/fuzz):
+    /// Found while writing the `config_loader` fuzz target (by reading the code):
     /// `inline_section` measures each line's indent with `trim_start`,
     /// which also strips Unicode whitespace such as U+00A0, then slices
     /// every line at the smallest indent in bytes. A flow sequence whose

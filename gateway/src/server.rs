@@ -443,13 +443,55 @@ async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, pe
         Box::pin(refuse_early_talker(tcp, conv())).await;
         return;
     }
-    match Session::new(tcp, conv()).greet_and_run().await {
+    // Greet, then wait for the client's first bytes before building the
+    // session: a client that connects and stays silent costs only this
+    // small future, not a session, buffers and all.
+    let mut tcp = tcp;
+    let greeted = greet_and_wait(&mut tcp, &shared).await;
+    let mut conv = conv();
+    match greeted {
+        Ok(sent) => conv.bytes_out += sent,
+        Err(why) => {
+            conv.end = why;
+            closed(&conv);
+            return;
+        }
+    }
+    match Box::pin(Session::new(tcp, conv).run()).await {
         Outcome::Closed(conv) => closed(&conv),
         Outcome::StartTls(tcp, conv) => match info.acceptor.clone() {
             Some(acceptor) => Box::pin(tls_session(acceptor, tcp, conv, false)).await,
             None => closed(&conv),
         },
     }
+}
+
+/// Sends the greeting and waits until the client sends something (or
+/// closes). Idle past `command_timeout`, or at shutdown, the client is
+/// told 421 here, as a session would tell it.
+async fn greet_and_wait(tcp: &mut TcpStream, shared: &Shared) -> Result<u64, &'static str> {
+    let host = &shared.config.hostname;
+    let mut out = Vec::new();
+    replies::greeting(host).write_to(&mut out);
+    if tcp.write_all(&out).await.is_err() {
+        return Err("client_gone");
+    }
+    let sent = out.len() as u64;
+    drop(out);
+    let timeout = shared.config.limits.command_timeout;
+    let waited = tokio::select! {
+        r = tokio::time::timeout(timeout, tcp.readable()) => match r {
+            Ok(Ok(())) => return Ok(sent),
+            Ok(Err(_)) => return Err("client_gone"),
+            Err(_) => (replies::timeout(host), "timeout"),
+        },
+        _ = shared.shutdown.cancelled() => (replies::shutting_down(host), "shutdown"),
+    };
+    let (reply, why) = waited;
+    let mut out = Vec::new();
+    reply.write_to(&mut out);
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
+    Err(why)
 }
 
 /// The end of a session: its summary line and its count.

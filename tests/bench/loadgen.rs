@@ -2,7 +2,8 @@
 //!
 //! * `handshakes`: full AUTH NTLM exchanges (NEGOTIATE, CHALLENGE,
 //!   AUTHENTICATE) through a gateway, each on its own connection, with the
-//!   project's own NTLM client; optionally followed by one message.
+//!   project's own NTLM client; optionally followed by messages
+//!   (`--message` for one, `--messages N` for N on the same connection).
 //! * `verify`: in-process NTLMv2 verifications against a users file, per
 //!   core, without sockets — the cost of the check itself.
 //!
@@ -22,7 +23,7 @@ use policy::ntlm::{ClientCredentials, ClientHandshake, NtlmConfig, ReplayCache, 
 
 fn usage() -> ! {
     eprintln!(
-        "usage: relayguard-loadgen handshakes ADDR USER DOMAIN PASSWORD CONNECTIONS PARALLEL [--message] [--no-auth]\n       relayguard-loadgen verify SECONDS"
+        "usage: relayguard-loadgen handshakes ADDR USER DOMAIN PASSWORD CONNECTIONS PARALLEL [--message | --messages N] [--no-auth]\n       relayguard-loadgen verify SECONDS"
     );
     std::process::exit(2)
 }
@@ -75,7 +76,7 @@ fn expect(reply: &str, code: &str) -> std::io::Result<()> {
 fn one_session(
     addr: SocketAddr,
     creds: Option<&ClientCredentials>,
-    message: bool,
+    messages: usize,
     n: u64,
 ) -> std::io::Result<Duration> {
     let tcp = TcpStream::connect(addr)?;
@@ -92,7 +93,7 @@ fn one_session(
         auth_ntlm(&mut c, creds, n)?;
     }
     let elapsed = started.elapsed();
-    if message {
+    for _ in 0..messages {
         expect(&c.cmd("MAIL FROM:<loadgen@example.test>")?, "250")?;
         expect(&c.cmd("RCPT TO:<rcpt@example.test>")?, "250")?;
         expect(&c.cmd("DATA")?, "354")?;
@@ -128,7 +129,10 @@ fn handshakes(args: &[String]) {
     };
     let total: u64 = args[4].parse().unwrap_or_else(|_| usage());
     let parallel: u64 = args[5].parse().unwrap_or_else(|_| usage());
-    let message = args.iter().any(|a| a == "--message");
+    let messages = match args.iter().position(|a| a == "--messages") {
+        Some(i) => args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or_else(|| usage()),
+        None => usize::from(args.iter().any(|a| a == "--message")),
+    };
     let no_auth = args.iter().any(|a| a == "--no-auth");
     let next = Arc::new(AtomicU64::new(0));
     let failures = Arc::new(AtomicU64::new(0));
@@ -144,7 +148,7 @@ fn handshakes(args: &[String]) {
                         return latencies;
                     }
                     let creds = (!no_auth).then_some(&creds);
-                    match one_session(addr, creds, message, n) {
+                    match one_session(addr, creds, messages, n) {
                         Ok(d) => latencies.push(d),
                         Err(e) => {
                             if failures.fetch_add(1, Ordering::Relaxed) < 3 {

@@ -350,6 +350,10 @@ pub struct Limits {
     pub max_errors: u32,
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// Accept backlog of each listener (the kernel caps it at
+    /// `net.core.somaxconn`): how large a burst of new connections can be
+    /// queued while the gateway accepts.
+    pub listen_backlog: u32,
     /// Time to wait for the next command (RFC 5321 §4.5.3.2: 5 minutes).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
@@ -376,6 +380,7 @@ impl Default for Limits {
             max_errors: 10,
             max_connections: 10_000,
             max_connections_per_ip: 50,
+            listen_backlog: 4096,
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(180),
             tls_handshake_timeout: Duration::from_secs(30),

@@ -195,13 +195,13 @@ impl Server {
                 _ => (None, None),
             };
             metrics.init_listener(&l.name, acceptor.is_some());
-            let tcp = TcpListener::bind(l.address)
-                .await
-                .map_err(|source| StartError::Bind {
+            let tcp = bind_listener(l.address, config.limits.listen_backlog).map_err(|source| {
+                StartError::Bind {
                     name: l.name.clone(),
                     addr: l.address,
                     source,
-                })?;
+                }
+            })?;
             listeners.push((
                 Arc::new(ListenerInfo {
                     name: l.name.clone(),
@@ -492,6 +492,20 @@ async fn greet_and_wait(tcp: &mut TcpStream, shared: &Shared) -> Result<u64, &'s
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
     Err(why)
+}
+
+/// Binds with an explicit accept backlog. A burst of connections beyond the
+/// backlog is not refused but silently lost: with SYN cookies the client
+/// believes it is connected and waits for a greeting that never comes.
+fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 /// The end of a session: its summary line and its count.

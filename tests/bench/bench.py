@@ -1,15 +1,27 @@
 #!/usr/bin/env python3
-"""Load benchmark: RelayGuard against a direct connection and HAProxy, same run.
+"""Load benchmark: RelayGuard against a direct connection, HAProxy (TCP
+mode), nginx's mail proxy and a Postfix relay, all in the same run.
 
 Postfix's smtp-source drives the same load through each contender in front
-of the same smtp-sink, interleaved (A B C, A B C, ...), so that the noise
-of a small shared machine hits every contender alike. The headline is the
-ratio of medians to the direct baseline, never an absolute time.
+of the same smtp-sink, interleaved (A B C D E, A B C D E, ...), so that the
+noise of a small shared machine hits every contender alike. The headline is
+the ratio of medians to the direct baseline, never an absolute time.
 
 Truth is what reached the sink (smtp-sink -c), not what smtp-source counted:
-smtp-source counts DATA commands answered 354, not finished messages.
+smtp-source counts DATA commands answered 354, not finished messages. A run
+ends when smtp-source has exited AND the sink holds every message (a
+store-and-forward relay acknowledges before it delivers); a message
+acknowledged but missing at the sink is reported.
 
-Usage: python3 tests/bench/bench.py [--rounds N] [--messages N] [--quick]
+Load matrix (issue 7): message sizes, parallel clients, messages per
+connection (1, or 100 with smtp-source -d: -m = 100 x clients). Plus latency
+per transaction (probes.latency) and memory per idle connection at 1,000 and
+10,000 connections (probes.idle_connections). Peers: peers.py.
+
+Usage: python3 tests/bench/bench.py [--rounds N] [--quick] [--matrix default|full]
+       [--sizes 1k,100k,5m --clients 1,10,50 --per-conn 1,100]
+       [--idle 1000,10000] [--latency N] [--contenders direct,haproxy,nginx,postfix,relayguard]
+       python3 tests/bench/bench.py --auth-only   (AUTH NTLM + policy load)
 """
 
 import argparse
@@ -24,6 +36,10 @@ import sys
 import tempfile
 import threading
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import peers  # noqa: E402
+import probes  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -90,6 +106,17 @@ class Sink:
 
     def delivered(self):
         time.sleep(0.2)
+        with self.lock:
+            return self.count
+
+    def wait_for(self, target, timeout):
+        """Waits until the running count reaches target; returns the count."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            with self.lock:
+                if self.count >= target:
+                    return self.count
+            time.sleep(0.005)
         with self.lock:
             return self.count
 
@@ -162,14 +189,19 @@ audit:
     return proc, port
 
 
-def start_haproxy(sink_port, tmp):
+def start_haproxy(sink_port, tmp, maxconn=12000):
     if not shutil.which("haproxy"):
         return None, None
+    # HAProxy needs 2 fds per connection and cannot raise its limit above
+    # the hard RLIMIT_NOFILE where CAP_SYS_RESOURCE is missing (containers).
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        maxconn = min(maxconn, (hard - 100) // 2)
     port = free_port()
     cfg = os.path.join(tmp, "haproxy.cfg")
     with open(cfg, "w") as f:
         f.write(f"""global
-    maxconn 8000
+    maxconn {maxconn}
 defaults
     mode tcp
     timeout connect 5s
@@ -186,15 +218,17 @@ backend sink
     return proc, port
 
 
-def smtp_source(port, sessions, messages, length, per_connection):
+def smtp_source(port, sessions, messages, length, per_connection, check=True):
     args = ["smtp-source", "-s", str(sessions), "-m", str(messages), "-l", str(length),
             "-f", "sender@example.test", "-t", "rcpt@example.test", "-M", "bench.client.test"]
     if per_connection:
         args.append("-d")
     args.append(f"127.0.0.1:{port}")
     start = time.perf_counter()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-    return time.perf_counter() - start
+    r = subprocess.run(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=900)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"smtp-source failed: {r.stderr.decode(errors='replace')[-300:]}")
+    return start, r
 
 
 LOADGEN = os.path.join(ROOT, "target", "release", "relayguard-loadgen")
@@ -242,43 +276,158 @@ def auth_benchmark(sink, tmp, rounds, sessions, parallel):
     print(f"In-process NTLMv2 verifications (users file): {verify.strip()}")
 
 
-def idle_memory(pid, port, count):
-    """RSS growth per idle connection that has read its greeting."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, count + 1000)), hard))
-    before = rss_kib(pid)
-    conns = []
-    try:
-        for _ in range(count):
-            s = socket.create_connection(("127.0.0.1", port))
-            conns.append(s)
-        for s in conns:
-            s.settimeout(10)
-            s.recv(512)
-        time.sleep(0.5)
-        after = rss_kib(pid)
-    finally:
-        for s in conns:
-            s.close()
-    return (after - before) / count
+SIZES = {"1k": 1024, "100k": 100 * 1024, "5m": 5 * 1024 * 1024}
+# Messages per run with one message per connection, by size (enough for a
+# run of a second or more through the direct path, little enough that the
+# slowest contender stays within a few seconds).
+ONE_PER_CONN_MESSAGES = {"1k": 2000, "100k": 400, "5m": 20}
+# The default subset of the matrix: (size, clients, messages per connection).
+DEFAULT_CELLS = [
+    ("1k", 1, 1), ("1k", 10, 1), ("1k", 50, 1),
+    ("1k", 10, 100), ("1k", 50, 100),
+    ("100k", 10, 1), ("100k", 10, 100),
+    ("5m", 10, 1),
+]
+ALL_CONTENDERS = ["direct", "haproxy", "nginx", "postfix", "relayguard"]
+
+
+def cell_messages(size, clients, per_conn, scale):
+    if per_conn > 1:
+        return per_conn * clients  # smtp-source -d: -m is the total over all sessions
+    return max(clients, int(ONE_PER_CONN_MESSAGES[size] * scale))
+
+
+def cell_label(size, clients, per_conn):
+    return f"{size}, {clients} clients, {per_conn} msg/conn"
+
+
+def run_matrix(cells, contenders, sink, rounds, scale):
+    """Interleaved rounds of every cell through every contender.
+    Returns {cell: {name: {"rate": [...], "cpu": [...], "lost": int}}}."""
+    results = {}
+    for cell in cells:
+        size, clients, per_conn = cell
+        messages = cell_messages(size, clients, per_conn, scale)
+        res = {c.name: {"rate": [], "cpu": [], "lost": 0, "errors": []} for c in contenders}
+        for _ in range(rounds):
+            for c in contenders:
+                before = sink.delivered()
+                cpu0 = peers.tree_cpu_seconds(c.pid) if c.pid else 0.0
+                start, r = smtp_source(c.port, clients, messages, SIZES[size], per_conn > 1, check=False)
+                # Store-and-forward: the run ends when the sink has them all.
+                got = sink.wait_for(before + messages, timeout=120 if r.returncode == 0 else 5)
+                elapsed = time.perf_counter() - start
+                delivered = got - before
+                if r.returncode != 0:
+                    res[c.name]["errors"].append(r.stderr.decode(errors="replace").strip()[-200:])
+                if delivered != messages:
+                    res[c.name]["lost"] += messages - delivered
+                    print(f"WARNING: {cell_label(*cell)}: {c.name}: {delivered} of {messages} messages reached "
+                          f"the sink (smtp-source exit {r.returncode})", file=sys.stderr)
+                res[c.name]["rate"].append(delivered / elapsed)
+                if c.pid:
+                    res[c.name]["cpu"].append((peers.tree_cpu_seconds(c.pid) - cpu0) / max(delivered, 1))
+            print(f"bench: {cell_label(*cell)}: round done", file=sys.stderr)
+        results[cell] = (messages, res)
+    return results
+
+
+def matrix_table(results, rounds):
+    out = ["| load | contender | msgs/s (median) | ratio to direct | ratio to HAProxy | CPU µs/msg | lost |",
+           "|---|---|---|---|---|---|---|"]
+    for cell, (messages, res) in results.items():
+        med = {n: statistics.median(v["rate"]) for n, v in res.items()}
+        direct = med.get("direct")
+        haproxy = med.get("haproxy")
+        for name, v in res.items():
+            m = med[name]
+            rd = f"{m / direct:.2f}" if direct else "-"
+            rh = f"{m / haproxy:.2f}" if haproxy else "-"
+            c = f"{statistics.median(v['cpu']) * 1e6:.0f}" if v["cpu"] else "-"
+            lost = str(v["lost"]) + (" (smtp-source error)" if v["errors"] else "")
+            out.append(f"| {cell_label(*cell)} ({messages}/run) | {name} | {m:.0f} | {rd} | {rh} | {c} | {lost} |")
+    return "\n".join(out)
+
+
+class Contender:
+    def __init__(self, name, pid, port, stop):
+        self.name, self.pid, self.port, self._stop = name, pid, port, stop
+
+    def stop(self):
+        if self._stop:
+            try:
+                self._stop()
+            except Exception as e:  # noqa: BLE001
+                print(f"WARNING: stopping {self.name}: {e}", file=sys.stderr)
+
+
+def start_contenders(names, sink, tmp):
+    out = []
+    for name in names:
+        try:
+            if name == "direct":
+                out.append(Contender("direct", None, sink.port, None))
+            elif name == "haproxy":
+                proc, port = start_haproxy(sink.port, tmp)
+                if proc is None:
+                    raise RuntimeError("haproxy not installed")
+                out.append(Contender(name, proc.pid, port, proc.kill))
+            elif name == "nginx":
+                n = peers.Nginx(sink.port, tmp)
+                out.append(Contender(name, n.pid, n.port, n.stop))
+            elif name == "postfix":
+                p = peers.Postfix(sink.port, tmp)
+                out.append(Contender(name, p.pid, p.port, p.stop))
+            elif name == "relayguard":
+                proc, port = start_relayguard(sink.port, tmp)
+                out.append(Contender(name, proc.pid, port, proc.kill))
+        except Exception as e:  # noqa: BLE001
+            print(f"WARNING: {name} not measured: {e}", file=sys.stderr)
+    return out
+
+
+def idle_table(idle):
+    out = ["| contender | idle connections | greeted | RSS KiB/conn | PSS KiB/conn | note |",
+           "|---|---|---|---|---|---|"]
+    for (name, count), r in idle.items():
+        if isinstance(r, str):
+            out.append(f"| {name} | {count} | - | - | - | {r} |")
+            continue
+        pss = f"{r['pss']:.2f}" if r["pss"] is not None else "-"
+        out.append(f"| {name} | {count} | {r['greeted']} | {r['rss']:.2f} | {pss} | {r['error'] or ''} |")
+    return "\n".join(out)
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--messages", type=int, default=2000)
-    ap.add_argument("--sessions", type=int, default=10)
-    ap.add_argument("--length", type=int, default=1024)
-    ap.add_argument("--idle", type=int, default=1000)
-    ap.add_argument("--quick", action="store_true", help="1 round, few messages (smoke test)")
-    ap.add_argument("--idle-only", action="store_true", help="only measure memory per idle connection")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--matrix", choices=["default", "full", "none"], default="default",
+                    help="default: a subset of the cells (see DEFAULT_CELLS); full: every size x clients x per-conn")
+    ap.add_argument("--sizes", help="comma list of 1k,100k,5m (with --clients/--per-conn: a cross product)")
+    ap.add_argument("--clients", help="comma list of parallel clients, e.g. 1,10,50")
+    ap.add_argument("--per-conn", help="comma list of messages per connection: 1 and/or 100")
+    ap.add_argument("--scale", type=float, default=1.0, help="multiply the messages per run (1 msg/conn cells)")
+    ap.add_argument("--contenders", default=",".join(ALL_CONTENDERS))
+    ap.add_argument("--idle", default="1000,10000", help="comma list of idle connection counts ('' for none)")
+    ap.add_argument("--postfix-idle-max", type=int, default=1000,
+                    help="Postfix needs one smtpd process per connection: skip it above this count")
+    ap.add_argument("--latency", type=int, default=500, help="transactions per contender for the latency probe (0: none)")
+    ap.add_argument("--messages", type=int, default=2000, help="--auth-only: sessions x3 per run")
+    ap.add_argument("--sessions", type=int, default=10, help="--auth-only: parallel sessions")
+    ap.add_argument("--quick", action="store_true", help="1 round, few messages, small idle counts (smoke test)")
     ap.add_argument("--auth-only", action="store_true", help="only the AUTH NTLM / policy benchmark")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.messages, args.idle = 1, 200, 200
+        args.rounds, args.scale, args.latency = 1, 0.1, 50
+        args.idle = "200"
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    names = [n for n in args.contenders.split(",") if n]
+    if not args.auth_only:
+        ensure = [n for n in names if n in peers.PACKAGES]
+        if not peers.ensure_packages(ensure):
+            names = [n for n in names if n not in ensure or all(peers._installed(p) for p in peers.PACKAGES[n])]
     subprocess.run(["cargo", "build", "--release", "-p", "relayguard", "-p", "relayguard-e2e",
                     "--bin", "relayguard", "--bin", "relayguard-loadgen"], cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="relayguard-bench-")
@@ -289,60 +438,64 @@ def main():
         finally:
             sink.stop()
         return
-    rg, rg_port = start_relayguard(sink.port, tmp)
-    ha, ha_port = start_haproxy(sink.port, tmp)
-    contenders = [("direct", None, sink.port), ("relayguard", rg, rg_port)]
-    if ha:
-        contenders.insert(1, ("haproxy", ha, ha_port))
 
-    results = {}
+    if args.sizes or args.clients or args.per_conn:
+        sizes = (args.sizes or "1k").split(",")
+        clients = [int(x) for x in (args.clients or "10").split(",")]
+        per_conn = [int(x) for x in (args.per_conn or "1,100").split(",")]
+        cells = [(s, c, p) for s in sizes for p in per_conn for c in clients]
+    elif args.matrix == "full":
+        cells = [(s, c, p) for s in SIZES for p in (1, 100) for c in (1, 10, 50)]
+    elif args.matrix == "none":
+        cells = []
+    else:
+        cells = DEFAULT_CELLS
+    for s, _, _ in cells:
+        if s not in SIZES:
+            sys.exit(f"unknown size {s}: use {','.join(SIZES)}")
+
+    contenders = start_contenders(names, sink, tmp)
+    t0 = time.time()
+    results, times, idle = {}, None, {}
     try:
-        for per_connection in () if args.idle_only else (False, True):
-            mode = "many msgs/conn" if per_connection else "1 msg/conn"
-            rates = {name: [] for name, _, _ in contenders}
-            cpu = {name: [] for name, _, _ in contenders}
-            for _ in range(args.rounds):
-                for name, proc, port in contenders:
-                    before = sink.delivered()
-                    cpu0 = cpu_seconds(proc.pid) if proc else 0.0
-                    elapsed = smtp_source(port, args.sessions, args.messages, args.length, per_connection)
-                    delivered = sink.delivered() - before
-                    if delivered != args.messages:
-                        print(f"WARNING: {name}: {delivered} of {args.messages} messages reached the sink", file=sys.stderr)
-                    rates[name].append(delivered / elapsed)
-                    if proc:
-                        cpu[name].append((cpu_seconds(proc.pid) - cpu0) / max(delivered, 1))
-            results[mode] = (rates, cpu)
-        idle = {}
-        for name, proc, port in contenders:
-            if proc:
+        results = run_matrix(cells, contenders, sink, args.rounds, args.scale)
+        if args.latency:
+            times = probes.latency([(c.name, c.port) for c in contenders], args.latency)
+        for count in [int(x) for x in args.idle.split(",") if x]:
+            for c in contenders:
+                if c.name == "postfix" and count > args.postfix_idle_max:
+                    idle[(c.name, count)] = (f"skipped: one smtpd process per connection "
+                                             f"(> --postfix-idle-max {args.postfix_idle_max})")
+                    continue
+                pid = c.pid if c.pid else sink.proc.pid
+                label = c.name if c.pid else "direct (smtp-sink)"
                 try:
-                    idle[name] = idle_memory(proc.pid, port, args.idle)
+                    idle[(label, count)] = probes.idle_connections(pid, c.port, count)
                 except OSError as e:
-                    print(f"WARNING: {name}: idle connections failed: {e}", file=sys.stderr)
+                    idle[(label, count)] = f"failed: {e}"
+                print(f"bench: idle {count}: {label}: {idle[(label, count)]}", file=sys.stderr)
+                time.sleep(1.0)
     finally:
-        for _, proc, _ in contenders:
-            if proc:
-                proc.kill()
+        for c in contenders:
+            c.stop()
         sink.stop()
 
-    print(f"\n{args.length}-byte messages, {args.sessions} parallel clients, {args.messages} messages per run, "
-          f"median of {args.rounds} interleaved rounds\n")
-    print("| load | contender | msgs/s (median) | ratio to direct | ratio to HAProxy | CPU µs/msg |")
-    print("|---|---|---|---|---|---|")
-    for mode, (rates, cpu) in results.items():
-        direct = statistics.median(rates["direct"])
-        haproxy = statistics.median(rates["haproxy"]) if "haproxy" in rates else None
-        for name in rates:
-            m = statistics.median(rates[name])
-            ratio_ha = f"{m / haproxy:.2f}" if haproxy else "-"
-            c = f"{statistics.median(cpu[name]) * 1e6:.0f}" if cpu[name] else "-"
-            print(f"| {mode} | {name} | {m:.0f} | {m / direct:.2f} | {ratio_ha} | {c} |")
-    print(f"\nRSS growth per idle connection after the greeting ({args.idle} connections):\n")
-    print("| contender | KiB per connection |")
-    print("|---|---|")
-    for name, kib in idle.items():
-        print(f"| {name} | {kib:.2f} |")
+    load = os.getloadavg()
+    print(f"\nMeasured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, load average at the end "
+          f"{load[0]:.2f}; {args.rounds} interleaved rounds per cell, medians; run took {time.time() - t0:.0f} s.")
+    if results:
+        print(f"\nThroughput (smtp-source -> contender -> smtp-sink; msgs/s = messages at the sink / time until "
+              f"the last reached it; CPU = utime+stime of the contender's whole process tree, reaped children "
+              f"included, per delivered message; lost = acknowledged or sent but not at the sink, summed over "
+              f"rounds):\n")
+        print(matrix_table(results, args.rounds))
+    if times:
+        print()
+        print(probes.latency_table(times, args.latency))
+    if idle:
+        print("\nMemory per idle connection after its greeting (delta of RSS / PSS summed over the contender's "
+              "processes, divided by the connections greeted):\n")
+        print(idle_table(idle))
 
 
 if __name__ == "__main__":

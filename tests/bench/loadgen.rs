@@ -130,7 +130,10 @@ fn handshakes(args: &[String]) {
     let total: u64 = args[4].parse().unwrap_or_else(|_| usage());
     let parallel: u64 = args[5].parse().unwrap_or_else(|_| usage());
     let messages = match args.iter().position(|a| a == "--messages") {
-        Some(i) => args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or_else(|| usage()),
+        Some(i) => args
+            .get(i + 1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| usage()),
         None => usize::from(args.iter().any(|a| a == "--message")),
     };
     let no_auth = args.iter().any(|a| a == "--no-auth");

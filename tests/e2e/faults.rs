@@ -849,3 +849,52 @@ fn idle_connections_leave_no_memory_or_descriptors_behind() {
     let mut c = Client::greeted(addr);
     assert_eq!(transaction(&mut c, "after").code, 250);
 }
+
+/// A burst of connections opened all at once (non-blocking connects, as a
+/// load balancer's reconnect storm does) is greeted in full: with a short
+/// accept backlog, the kernel's SYN cookies made the overflow believe it
+/// was connected while the gateway never saw it (found by the idle-memory
+/// benchmark; fixed by `limits.listen_backlog`).
+#[test]
+fn a_burst_of_connections_is_greeted_in_full() {
+    let sink = Sink::start(&[]);
+    let gw = Gateway::start(
+        &Config::new(&[sink.addr()])
+            .set("limits.max_connections_per_ip", "5000")
+            .yaml(),
+    );
+    let script = r#"
+import resource, selectors, socket, sys, time
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+port, n = int(sys.argv[1]), int(sys.argv[2])
+sel = selectors.DefaultSelector()
+socks = []
+for _ in range(n):
+    s = socket.socket(); s.setblocking(False); s.connect_ex(("127.0.0.1", port))
+    sel.register(s, selectors.EVENT_READ); socks.append(s)
+got, deadline = 0, time.time() + 60
+while got < n and time.time() < deadline:
+    for key, _ in sel.select(timeout=1):
+        try: data = key.fileobj.recv(512)
+        except BlockingIOError: continue
+        if data.startswith(b"220"): got += 1
+        sel.unregister(key.fileobj)
+print(got)
+"#;
+    let n = 2000;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            script,
+            &gw.addr("smtp").port().to_string(),
+            &n.to_string(),
+        ])
+        .output()
+        .expect("python3");
+    let greeted: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert_eq!(greeted, n, "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -216,7 +216,7 @@ def smtp_source(port, sessions, messages, length, per_connection, check=True):
     return start, r
 
 
-LOADGEN = os.path.join(ROOT, "target", "release", "relayguard-loadgen")
+LOADGEN = os.path.join(ROOT, "target", "release", "examples", "relayguard-loadgen")
 
 
 def loadgen(port, sessions, parallel, *flags):
@@ -422,8 +422,9 @@ def main():
         ensure = [n for n in names if n in peers.PACKAGES]
         if not peers.ensure_packages(ensure):
             names = [n for n in names if n not in ensure or all(peers._installed(p) for p in peers.PACKAGES[n])]
-    subprocess.run(["cargo", "build", "--release", "-p", "relayguard", "-p", "relayguard-e2e",
-                    "--bin", "relayguard", "--bin", "relayguard-loadgen"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "relayguard", "--bin", "relayguard"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "-p", "relayguard-e2e", "--example", "relayguard-loadgen"],
+                   cwd=ROOT, check=True)
     tmp = tempfile.mkdtemp(prefix="relayguard-bench-")
     sink = Sink()
     if args.auth_only:

@@ -435,7 +435,7 @@ impl Config {
                 line,
                 column,
                 field,
-                message: strip_location(&inner.to_string()),
+                message: policy::identity::strip_location(&inner.to_string()),
             }
         })?;
         config.validate(text, origin)?;
@@ -703,14 +703,6 @@ impl Config {
 
     pub fn helo_name(&self) -> &str {
         self.backend.helo_name.as_deref().unwrap_or(&self.hostname)
-    }
-}
-
-/// serde_norway appends "at line X column Y" itself; we print it in front.
-fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
     }
 }
 

@@ -202,7 +202,7 @@ impl CredentialStore for UsersFile {
 
 /// serde_norway appends " at line L column C" to messages; the location is
 /// reported separately, so drop the duplicate.
-pub(crate) fn strip_location(msg: &str) -> String {
+pub fn strip_location(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_owned(),
         None => msg.to_owned(),

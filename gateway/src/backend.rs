@@ -25,7 +25,6 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::{BackendAddr, BackendConfig, BackendTimeouts, BackendTls, PoolConfig};
 use crate::metrics::{BackendResult, Metrics};
-use crate::smtp::data::DotStuffer;
 use crate::smtp::reply::{Capabilities, Reply, ReplyParser};
 
 /// Which step of the backend conversation failed; used in logs and as a
@@ -196,13 +195,15 @@ pub struct ConnectionState {
     /// can never be reused, only closed (which aborts the message).
     in_data: bool,
     transactions: u32,
-    stuffer: DotStuffer,
-    wbuf: Vec<u8>,
     /// Index of `server` in the backend's list, for its health.
     server_index: usize,
     observer: Arc<Observer>,
     /// A transaction began and its result is not counted yet.
     tx_open: bool,
+    /// The message buffer of the session using this connection, kept here
+    /// between messages so that a warm connection reuses it (bounded by
+    /// the pool's size, unlike a buffer per client session).
+    message_buffer: Vec<u8>,
 }
 
 /// Metrics and per-server health, shared by the backend and its
@@ -408,7 +409,6 @@ impl Connection {
         args: &MailArgs<'_>,
         rcpt: &str,
     ) -> Result<Begun, BackendError> {
-        self.stuffer = DotStuffer::new();
         let need_rset = !self.clean;
         self.clean = false;
         self.transactions += 1;
@@ -490,26 +490,48 @@ impl Connection {
         Ok(reply)
     }
 
-    /// Writes a piece of the (unstuffed) message, dot-stuffing it on the way.
-    pub async fn body(&mut self, chunk: &[u8]) -> Result<(), BackendError> {
-        let mut wbuf = std::mem::take(&mut self.wbuf);
-        wbuf.clear();
-        self.stuffer.push(chunk, &mut wbuf);
+    /// Writes a piece of the message as it goes on the wire: dot-stuffed
+    /// CRLF lines (the session's [`DataReceiver::ingest_stuffed`] output, or
+    /// the gateway's own trace header).
+    ///
+    /// [`DataReceiver::ingest_stuffed`]: crate::smtp::data::DataReceiver::ingest_stuffed
+    pub async fn body(&mut self, wire: &[u8]) -> Result<(), BackendError> {
         let limit = self.timeouts.data_block;
-        let r = self.send(Stage::Body, &wbuf, limit).await;
-        self.wbuf = wbuf;
+        let r = self.send(Stage::Body, wire, limit).await;
         self.tx_check(r)
     }
 
-    /// Ends the message with the terminating dot and returns the backend's
-    /// verdict on it. Only after this reply may the client hear success.
-    pub async fn finish(&mut self) -> Result<Reply, BackendError> {
-        let mut end = Vec::with_capacity(8);
-        self.stuffer.finish(&mut end);
+    /// The buffer to assemble the message in (empty); give it back with
+    /// [`Connection::return_buffer`].
+    pub fn take_buffer(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.message_buffer)
+    }
+
+    /// Frees the message buffer (a session going idle keeps its connection
+    /// but should not keep memory for a message that may never come).
+    pub fn free_buffer(&mut self) {
+        self.message_buffer = Vec::new();
+    }
+
+    pub fn return_buffer(&mut self, mut buffer: Vec<u8>) {
+        const KEEP: usize = 64 * 1024;
+        buffer.clear();
+        if buffer.capacity() <= KEEP {
+            self.message_buffer = buffer;
+        }
+    }
+
+    /// Sends the rest of the message (`tail`, stuffed, empty or ending in
+    /// CRLF) and the terminating dot in one write, and returns the backend's
+    /// verdict. Only after this reply may the client hear success.
+    pub async fn finish(&mut self, tail: &mut Vec<u8>) -> Result<Reply, BackendError> {
+        debug_assert!(tail.is_empty() || tail.ends_with(b"\r\n"));
+        tail.extend_from_slice(b".\r\n");
+        let end = &*tail;
         let limit = self.timeouts.data_done;
         let started = Instant::now();
         let r = async {
-            self.send(Stage::DataDone, &end, limit).await?;
+            self.send(Stage::DataDone, end, limit).await?;
             self.read_reply(Stage::DataDone, limit).await
         }
         .await;
@@ -754,11 +776,10 @@ impl Backend {
             clean: true,
             in_data: false,
             transactions: 0,
-            stuffer: DotStuffer::new(),
-            wbuf: Vec::new(),
             server_index: index,
             observer: self.observer.clone(),
             tx_open: false,
+            message_buffer: Vec::new(),
         }));
         let started = Instant::now();
         let greeting = conn.read_reply(Stage::Greeting, t.greeting).await?;

@@ -1107,7 +1107,7 @@ mod backend_tests {
         let up = format!("relayguard_backend_up{{server=\"{ok}\"}}");
         assert_eq!(value(&m, &up), 0.0, "down until proven up");
         let mut conn = to_data(&b).await;
-        assert!(conn.finish().await.unwrap().is_positive());
+        assert!(conn.finish(&mut Vec::new()).await.unwrap().is_positive());
         assert_eq!(result(&m, BackendResult::Delivered), 1.0);
         assert_eq!(value(&m, &up), 1.0);
         for stage in [
@@ -1128,7 +1128,7 @@ mod backend_tests {
         assert!(begun.mail.is_positive());
         assert_eq!(conn.data().await.unwrap().code, 354);
         conn.body(b"x\r\n").await.unwrap();
-        conn.finish().await.unwrap();
+        conn.finish(&mut Vec::new()).await.unwrap();
         assert_eq!(result(&m, BackendResult::Delivered), 2.0);
         // Dropped between 354 and the final dot: aborted.
         drop(to_data(&b).await);
@@ -1141,7 +1141,7 @@ mod backend_tests {
             let m = Arc::new(Metrics::new());
             let b = client(&[addr], m.clone());
             let mut conn = to_data(&b).await;
-            conn.finish().await.unwrap();
+            conn.finish(&mut Vec::new()).await.unwrap();
             assert_eq!(result(&m, want), 1.0, "{}", want.label());
             // Not delivered, and not counted twice when dropped.
             drop(conn);
@@ -1151,7 +1151,7 @@ mod backend_tests {
         let m = Arc::new(Metrics::new());
         let b = client(&[hangs_up], m.clone());
         let mut conn = to_data(&b).await;
-        assert!(conn.finish().await.is_err());
+        assert!(conn.finish(&mut Vec::new()).await.is_err());
         drop(conn);
         assert_eq!(result(&m, BackendResult::Failed), 1.0);
         assert_eq!(result(&m, BackendResult::Aborted), 0.0);

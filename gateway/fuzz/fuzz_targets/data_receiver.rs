@@ -1,6 +1,7 @@
 //! The DATA receiver under arbitrary input and read sizes, checked against a
-//! simple model, and the stuff -> receive round trip that keeps the gateway
-//! and the backend agreeing on where a message ends.
+//! simple model; its wire output (what the gateway relays) against the
+//! stuffer applied to its plain output; and the stuff -> receive round trip
+//! that keeps the gateway and the backend agreeing on where a message ends.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -96,6 +97,32 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(run.consumed, input.len());
         }
     }
+    // The wire form relayed to the backend: same end and verdict, and for a
+    // message without violations exactly the stuffer's output of the plain
+    // form (without the terminator, which the gateway adds itself).
+    let mut rx = DataReceiver::new(usize::MAX, u64::MAX);
+    let mut relayed = Vec::new();
+    let mut consumed = 0;
+    let mut complete = false;
+    for chunk in input.chunks(step) {
+        let (n, status) = rx.ingest_stuffed(chunk, &mut relayed);
+        consumed += n;
+        if status == DataStatus::Complete {
+            complete = true;
+            break;
+        }
+    }
+    assert_eq!((consumed, complete), (run.consumed, run.complete));
+    assert_eq!(rx.violation(), run.violation);
+    if complete && run.violation.is_none() {
+        let mut want = Vec::new();
+        let mut stuffer = DotStuffer::new();
+        stuffer.push(&run.out, &mut want);
+        stuffer.finish(&mut want);
+        want.truncate(want.len() - 3);
+        assert_eq!(relayed, want);
+    }
+
     // Small limits: same end, output a prefix of the unlimited one.
     let limited = receive(usize::from(*b) + 1, small_limit, input, step);
     assert_eq!(

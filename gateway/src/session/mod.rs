@@ -21,7 +21,7 @@ pub mod replies;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -46,6 +46,9 @@ const MAX_AUTH_LINE: usize = 12_288;
 const MAX_PENDING_OUTPUT: usize = 16 * 1024;
 const COMMAND_READ_CHUNK: usize = 1024;
 const DATA_READ_CHUNK: usize = 16 * 1024;
+/// How long a session waiting for input keeps its buffers before it gives
+/// them back (see `read_more`).
+const KEEP_BUFFERS: Duration = Duration::from_secs(1);
 
 /// What outlives a STARTTLS: the identity of the session and its counters.
 /// Everything learned from the client before TLS lives in [`Session`] and
@@ -65,7 +68,7 @@ pub struct Conversation {
     /// cannot happen after AUTH anyway: AUTH is refused until TLS, or TLS
     /// is refused once authenticated).
     pub auth: Option<String>,
-    pub transactions: Vec<String>,
+    pub transactions: TransactionNotes,
     /// Why the session ended, for the summary line.
     pub end: &'static str,
 }
@@ -89,7 +92,7 @@ impl Conversation {
             bytes_out: 0,
             helo: None,
             auth: None,
-            transactions: Vec::new(),
+            transactions: TransactionNotes::default(),
             end: "closed",
         }
     }
@@ -108,13 +111,45 @@ impl Conversation {
             tls = %tls,
             helo = self.helo.as_deref().unwrap_or("-"),
             auth = self.auth.as_deref().unwrap_or("none"),
-            transactions = %self.transactions.join(" | "),
+            transactions = %self.transactions,
             bytes_in = self.bytes_in,
             bytes_out = self.bytes_out,
             duration_ms = self.started.elapsed().as_millis() as u64,
             end = self.end,
             "session closed"
         );
+    }
+}
+
+/// The per-transaction notes of the session summary line. Bounded: a client
+/// sending a million messages over one connection must not grow the
+/// session's memory, so only the first few are kept and the rest counted.
+/// Notes are not even formatted when the summary line is not logged.
+#[derive(Debug, Default)]
+pub struct TransactionNotes {
+    kept: Vec<String>,
+    omitted: u64,
+}
+
+impl TransactionNotes {
+    const KEEP: usize = 16;
+
+    pub fn push(&mut self, note: impl FnOnce() -> String) {
+        if self.kept.len() < Self::KEEP && tracing::enabled!(tracing::Level::INFO) {
+            self.kept.push(note());
+        } else {
+            self.omitted += 1;
+        }
+    }
+}
+
+impl std::fmt::Display for TransactionNotes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.kept.join(" | "))?;
+        if self.omitted > 0 {
+            write!(f, " | and {} more", self.omitted)?;
+        }
+        Ok(())
     }
 }
 
@@ -414,19 +449,37 @@ impl<S: Transport> Session<S> {
                 .get_or_insert_with(|| tokio::time::Instant::now() + timeout)
         };
         if self.rbuf.is_empty() {
-            // Give the buffers back while waiting; they are allocated
-            // again when input actually arrives.
-            self.rbuf = BytesMut::new();
-            self.wbuf = Vec::new();
+            // A busy client's next command follows our reply within
+            // moments, so the buffers are kept for a short while; a session
+            // that stays quiet longer gives them back (they are allocated
+            // again when input arrives), so idle sessions hold none.
             let io = &self.io;
-            let wait = tokio::time::timeout_at(deadline, io.wait_readable());
-            tokio::select! {
-                r = wait => match r {
-                    Err(_) => return Err("timeout"),
-                    Ok(Err(_)) => return Err("client_gone"),
-                    Ok(Ok(())) => {}
-                },
-                _ = shutdown.cancelled(), if idle => return Err("shutdown"),
+            let readable = io.wait_readable();
+            tokio::pin!(readable);
+            let keep_until = (tokio::time::Instant::now() + KEEP_BUFFERS).min(deadline);
+            let sleep = tokio::time::sleep_until(keep_until);
+            tokio::pin!(sleep);
+            let mut released = false;
+            loop {
+                tokio::select! {
+                    r = &mut readable => match r {
+                        Ok(()) => break,
+                        Err(_) => return Err("client_gone"),
+                    },
+                    _ = &mut sleep => {
+                        if released || keep_until >= deadline {
+                            return Err("timeout");
+                        }
+                        self.rbuf = BytesMut::new();
+                        self.wbuf = Vec::new();
+                        if let Some(conn) = self.idle_backend.as_mut() {
+                            conn.free_buffer();
+                        }
+                        released = true;
+                        sleep.as_mut().reset(deadline);
+                    }
+                    _ = shutdown.cancelled(), if idle => return Err("shutdown"),
+                }
             }
         }
         self.rbuf.reserve(chunk);
@@ -1104,34 +1157,48 @@ impl<S: Transport> Session<S> {
             date: chrono::Local::now().fixed_offset(),
         }
         .header();
-        let mut backend_error: Option<BackendError> = conn.body(header.as_bytes()).await.err();
-        let mut out = Vec::with_capacity(DATA_READ_CHUNK);
+        // The trace header goes out with the first piece of the body, and
+        // the last piece with the final dot: a small message costs the
+        // backend connection one write.
+        let mut backend_error: Option<BackendError> = None;
+        let mut out = conn.take_buffer();
+        out.reserve(DATA_READ_CHUNK + header.len());
+        out.extend_from_slice(header.as_bytes());
+        drop(header);
         let mut header_from = tx
             .check_header_from
             .then(crate::smtp::header_from::HeaderFromScanner::new);
         loop {
-            let (consumed, status) = receiver.ingest(&self.rbuf, &mut out);
+            let before = out.len();
+            let (consumed, status) = receiver.ingest_stuffed(&self.rbuf, &mut out);
             self.rbuf.advance(consumed);
             if let Some(scan) = header_from.as_mut() {
-                scan.push(&out);
+                scan.push(&out[before..]);
             }
-            if !out.is_empty() && backend_error.is_none() && receiver.violation().is_none() {
-                backend_error = conn.body(&out).await.err();
-            }
-            out.clear();
             if status == DataStatus::Complete {
                 break;
             }
+            if receiver.violation().is_some() {
+                // Never sent: the message is refused, and the backend's
+                // transaction is dropped without the dot.
+                out.clear();
+            }
+            if !out.is_empty() && backend_error.is_none() {
+                backend_error = conn.body(&out).await.err();
+            }
+            out.clear();
             if let Err(why) = self.read_more(DATA_READ_CHUNK).await {
                 // Dropping `conn` here closes the backend connection without
                 // the terminating dot: the backend discards the partial message.
                 tracing::warn!(session = %self.conv.id, reason = why, "client lost during DATA; backend transaction aborted");
-                self.conv.transactions.push(format!(
-                    "from=<{}> rcpts={} aborted=client_{}",
-                    tx.sender(),
-                    tx.accepted.len(),
-                    why
-                ));
+                self.conv.transactions.push(|| {
+                    format!(
+                        "from=<{}> rcpts={} aborted=client_{}",
+                        tx.sender(),
+                        tx.accepted.len(),
+                        why
+                    )
+                });
                 let record = tx
                     .audit
                     .decision(AuditDecision::Aborted)
@@ -1184,10 +1251,11 @@ impl<S: Transport> Session<S> {
                 format!("backend_error={}", e.stage().label()),
             )
         } else {
-            match conn.finish().await {
+            match conn.finish(&mut out).await {
                 Ok(r) => {
                     let outcome = format!("backend={} {}", r.code, r.text());
                     let mirrored = replies::mirror(&r, (0, 0));
+                    conn.return_buffer(std::mem::take(&mut out));
                     self.idle_backend = Some(conn);
                     (mirrored, outcome)
                 }
@@ -1215,14 +1283,16 @@ impl<S: Transport> Session<S> {
             duration_ms = started.elapsed().as_millis() as u64,
             "message"
         );
-        self.conv.transactions.push(format!(
-            "from=<{}> to=<{}> refused={} size={} {}",
-            tx.sender(),
-            rcpts.join(">,<"),
-            tx.refused,
-            size,
-            outcome
-        ));
+        self.conv.transactions.push(|| {
+            format!(
+                "from=<{}> to=<{}> refused={} size={} {}",
+                tx.sender(),
+                rcpts.join(">,<"),
+                tx.refused,
+                size,
+                outcome
+            )
+        });
         tx.backend = None;
         self.reply(reply);
         Ok(())

@@ -9,9 +9,13 @@
 //! * [`DataReceiver`] ends the message only at `CR LF . CR LF`. Every other
 //!   variant (`LF . LF`, `CR LF . LF`, `LF . CR LF`, `CR . CR`) stays content
 //!   and is recorded as a violation, so the session can refuse the message.
-//! * [`DotStuffer`] treats *any* CR or LF as a line start, so a lone `.` after
-//!   a bare line end reaches the backend doubled and cannot be read as an end
-//!   by a lenient backend either.
+//! * What goes to the backend is [`DataReceiver::ingest_stuffed`]'s output of
+//!   a message without violations, only CRLF lines, so no lenient backend can
+//!   find an end in it that the receiver did not; a message with a violation
+//!   is never finished (its backend transaction is dropped without the dot).
+//! * [`DotStuffer`], the reference the relayed output is tested and fuzzed
+//!   against, treats *any* CR or LF as a line start, so a lone `.` after a
+//!   bare line end would reach a backend doubled.
 
 use std::fmt;
 
@@ -111,6 +115,29 @@ impl DataReceiver {
     /// the first one is kept. After the size limit is passed nothing more is
     /// appended, so memory stays bounded.
     pub fn ingest(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, DataStatus) {
+        self.scan::<false>(input, out)
+    }
+
+    /// Like [`ingest`](Self::ingest), but appends the message as it goes on
+    /// the wire to the backend: dot-stuffed again, still without the
+    /// terminator. For a message without violations this is the client's
+    /// own bytes (a compliant client stuffed them already), so the gateway
+    /// relays the body in one pass and one copy instead of unstuffing and
+    /// stuffing it again. The fuzzer checks it against
+    /// [`DotStuffer`] applied to [`ingest`](Self::ingest)'s output.
+    ///
+    /// Output produced in a call that found a violation must not be sent:
+    /// unlike [`DotStuffer`], this does not treat bare CR or LF as line
+    /// starts, because a message with one is refused, never forwarded.
+    pub fn ingest_stuffed(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, DataStatus) {
+        self.scan::<true>(input, out)
+    }
+
+    fn scan<const STUFFED: bool>(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> (usize, DataStatus) {
         let mut i = 0;
         while i < input.len() {
             let b = input[i];
@@ -146,7 +173,12 @@ impl DataReceiver {
                     self.state = State::Text;
                 }
                 // A dot at a line start followed by anything but CR is
-                // dropped (RFC 5321 §4.5.2) and what follows is text.
+                // dropped (RFC 5321 §4.5.2) and what follows is text. On the
+                // wire, a line whose content starts with a dot has it doubled.
+                State::Dot if STUFFED && b == b'.' => {
+                    self.stuff(out);
+                    i += self.text(&input[i..], out);
+                }
                 State::LineStart | State::Dot | State::Text => {
                     i += self.text(&input[i..], out);
                 }
@@ -160,14 +192,27 @@ impl DataReceiver {
         (i, status)
     }
 
+    /// Writes a stuffing dot (not part of the message, so not counted),
+    /// unless the size limit was already reached and output has stopped.
+    fn stuff(&mut self, out: &mut Vec<u8>) {
+        if self.size < self.max_size {
+            out.push(b'.');
+        }
+    }
+
     /// Reads a run of text, or one CR, LF or NUL; returns how many bytes it
-    /// took (at least one; `input` is not empty).
+    /// took (at least one; `input` is not empty). A run that ends in CR LF is
+    /// taken whole with its line end: the common case, one search and one
+    /// copy per line.
     fn text(&mut self, input: &[u8], out: &mut Vec<u8>) -> usize {
         self.state = State::Text;
-        let run = input
-            .iter()
-            .position(|&b| matches!(b, b'\r' | b'\n' | 0))
-            .unwrap_or(input.len());
+        let run = memchr::memchr3(b'\r', b'\n', 0, input).unwrap_or(input.len());
+        if input.get(run..run + 2) == Some(b"\r\n") {
+            self.emit(&input[..run + 2], out);
+            self.line_len = 0;
+            self.state = State::LineStart;
+            return run + 2;
+        }
         if run > 0 {
             self.emit(&input[..run], out);
             return run;
@@ -628,6 +673,98 @@ mod tests {
             assert_eq!(run.out, m);
             assert_eq!(run.violation, None);
             assert_eq!(run.consumed, stuffed.len());
+        }
+    }
+
+    /// What goes to the backend: `ingest_stuffed` in the given pieces.
+    fn feed_stuffed(max_line: usize, max_size: u64, pieces: &[&[u8]]) -> Run {
+        let mut rx = DataReceiver::new(max_line, max_size);
+        let mut out = Vec::new();
+        let mut consumed = 0;
+        let mut status = NeedMore;
+        for piece in pieces {
+            let (n, st) = rx.ingest_stuffed(piece, &mut out);
+            consumed += n;
+            status = st;
+            if st == Complete {
+                break;
+            }
+        }
+        Run {
+            out,
+            consumed,
+            status,
+            violation: rx.violation(),
+            size: rx.size(),
+        }
+    }
+
+    /// The wire form is the stuffer applied to the unstuffed form, without
+    /// the terminator, for every message without a violation; the end, size
+    /// and violation are found exactly as `ingest` finds them.
+    fn same_as_stuffer(max_line: usize, max_size: u64, pieces: &[&[u8]]) {
+        let plain = feed(max_line, max_size, pieces);
+        let wire = feed_stuffed(max_line, max_size, pieces);
+        let name = String::from_utf8_lossy(&pieces.concat()).into_owned();
+        assert_eq!(
+            (wire.consumed, wire.status, wire.violation, wire.size),
+            (plain.consumed, plain.status, plain.violation, plain.size),
+            "{name:?}"
+        );
+        if plain.violation.is_none() && plain.status == Complete {
+            let mut want = stuff(&[&plain.out]);
+            want.truncate(want.len() - 3);
+            assert_eq!(wire.out, want, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn stuffed_output_table() {
+        #[rustfmt::skip]
+        let cases: &[(&[u8], &[u8])] = &[
+            (b".\r\n", b""),
+            (b"Hello\r\n.\r\nQUIT\r\n", b"Hello\r\n"),
+            (b"..leading\r\n.\r\n", b"..leading\r\n"),
+            (b"a\r\n..\r\n.\r\n", b"a\r\n..\r\n"),
+            (b"a\r\n...\r\n.\r\n", b"a\r\n...\r\n"),
+            // An unstuffed leading dot (a non-compliant client) was dropped
+            // by the receiver; the wire form agrees with what it kept.
+            (b".x\r\n.\r\n", b"x\r\n"),
+            (b"a.\r\n .\r\n.\r\n", b"a.\r\n .\r\n"),
+        ];
+        for &(input, output) in cases {
+            let whole = feed_stuffed(1000, 1 << 20, &[input]);
+            assert_eq!(whole.out, output, "{:?}", String::from_utf8_lossy(input));
+            let bytes: Vec<&[u8]> = input.chunks(1).collect();
+            let split = feed_stuffed(1000, 1 << 20, &bytes);
+            assert_eq!(
+                split.out,
+                output,
+                "{:?} byte by byte",
+                String::from_utf8_lossy(input)
+            );
+        }
+    }
+
+    #[test]
+    fn stuffed_output_matches_the_stuffer() {
+        let mut rng = Rng(7);
+        let alphabet: &[&[u8]] = &[
+            b".", b"..", b"\r\n", b"\r", b"\n", b"a", b"b c", b"\0", b".\r\n",
+        ];
+        for round in 0..5000 {
+            let mut m = Vec::new();
+            for _ in 0..rng.below(24) {
+                m.extend_from_slice(alphabet[rng.below(alphabet.len())]);
+            }
+            m.extend_from_slice(b"\r\n.\r\nQUIT\r\n");
+            let (max_line, max_size) = if round % 3 == 0 {
+                (1 + rng.below(12), rng.below(40) as u64)
+            } else {
+                (1000, 1 << 20)
+            };
+            same_as_stuffer(max_line, max_size, &rng.pieces(&m));
+            same_as_stuffer(max_line, max_size, &[&m]);
         }
     }
 }

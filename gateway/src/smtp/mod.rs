@@ -8,9 +8,14 @@
 //!
 //! ```text
 //! client ──bytes──▶ line::LineReader ──line──▶ command::parse ──Command──▶ session
-//!        ──bytes──▶ data::DataReceiver (after 354) ──message──▶ data::DotStuffer ──▶ backend
+//!        ──bytes──▶ data::DataReceiver::ingest_stuffed (after 354) ──checked, stuffed message──▶ backend
 //! backend ──bytes──▶ reply::ReplyParser ──Reply──▶ session ──Reply::write_to──▶ client
 //! ```
+//!
+//! The body is checked and relayed in one pass: a compliant client's bytes are
+//! already dot-stuffed, so the receiver copies them through and only rewrites
+//! what a non-compliant client got wrong. `data::DotStuffer` is the reference
+//! the tests and the fuzzer hold that output to.
 //!
 //! Parsers are deliberately strict: the gateway sits in front of a legacy MTA
 //! whose own parser we do not control, so anything ambiguous is refused here

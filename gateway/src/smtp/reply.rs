@@ -57,6 +57,26 @@ pub struct Reply {
     pub lines: Vec<String>,
 }
 
+/// Appends `n` in decimal, zero-padded to at least `width` digits.
+fn push_number(out: &mut Vec<u8>, n: u32, width: usize) {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    while digits.len() - i < width {
+        i -= 1;
+        digits[i] = b'0';
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// RFC 5321 §4.5.3.1.5: a reply line is at most 512 octets with CRLF.
 const MAX_OUT_LINE: usize = 510;
 
@@ -86,37 +106,34 @@ impl Reply {
     /// since reply text is 7-bit (RFC 5321 §4.2). Each line is cut to fit
     /// 512 octets. An empty `lines` is sent as one line without text.
     pub fn write_to(&self, out: &mut Vec<u8>) {
-        let empty = [String::new()];
-        let lines: &[String] = if self.lines.is_empty() {
-            &empty
-        } else {
-            &self.lines
-        };
-        for (i, text) in lines.iter().enumerate() {
+        // Written straight into `out`, no temporary strings: every command
+        // of every session ends here.
+        let count = self.lines.len().max(1);
+        for i in 0..count {
+            let text = self.lines.get(i).map(String::as_str).unwrap_or("");
             let start = out.len();
-            let last = i + 1 == lines.len();
-            out.extend_from_slice(format!("{:03}", self.code).as_bytes());
-            let sep = if last { b' ' } else { b'-' };
-            let mut body = String::new();
-            if let Some(e) = self.enhanced {
-                body = e.to_string();
+            let last = i + 1 == count;
+            push_number(out, u32::from(self.code), 3);
+            if self.enhanced.is_some() || !text.is_empty() || !last {
+                out.push(if last { b' ' } else { b'-' });
             }
-            if !text.is_empty() {
-                if !body.is_empty() {
-                    body.push(' ');
+            if let Some(EnhancedCode(class, subject, detail)) = self.enhanced {
+                push_number(out, u32::from(class), 1);
+                out.push(b'.');
+                push_number(out, u32::from(subject), 1);
+                out.push(b'.');
+                push_number(out, u32::from(detail), 1);
+                if !text.is_empty() {
+                    out.push(b' ');
                 }
-                body.extend(text.chars().map(|c| match c {
-                    c if c.is_ascii_control() => ' ',
-                    c if !c.is_ascii() => '?',
-                    c => c,
-                }));
             }
-            if !body.is_empty() || !last {
-                out.push(sep);
-            }
-            // body is ASCII now, so any byte index is a char boundary.
-            let room = MAX_OUT_LINE.saturating_sub(out.len() - start);
-            out.extend_from_slice(&body.as_bytes()[..body.len().min(room)]);
+            out.extend(text.chars().map(|c| match c {
+                c if c.is_ascii_control() => b' ',
+                c if !c.is_ascii() => b'?',
+                c => c as u8,
+            }));
+            // One byte per char now, so the cut cannot split anything.
+            out.truncate(start + (out.len() - start).min(MAX_OUT_LINE));
             out.extend_from_slice(b"\r\n");
         }
     }

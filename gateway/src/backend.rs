@@ -200,6 +200,8 @@ pub struct ConnectionState {
     observer: Arc<Observer>,
     /// A transaction began and its result is not counted yet.
     tx_open: bool,
+    /// When DATA was sent and its reply is still to be read.
+    data_sent: Option<Instant>,
     /// The message buffer of the session using this connection, kept here
     /// between messages so that a warm connection reuses it (bounded by
     /// the pool's size, unlike a buffer per client session).
@@ -274,6 +276,14 @@ async fn within<T>(
     stage: Stage,
     fut: impl std::future::Future<Output = Result<T, BackendError>>,
 ) -> Result<T, BackendError> {
+    // Most operations finish at the first poll (a write into an empty socket
+    // buffer, a reply already read): the timer, a clock read and a timer
+    // wheel entry, is set only when there is something to wait for.
+    let mut fut = std::pin::pin!(fut);
+    let first = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+    if let Poll::Ready(r) = first {
+        return r;
+    }
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or(Err(BackendError::Timeout(stage)))
@@ -467,15 +477,31 @@ impl Connection {
         self.tx_check(r)
     }
 
-    /// Sends DATA; the caller streams the body only after a 354.
+    /// Sends DATA and waits for the reply; the caller streams the body only
+    /// after a 354.
     pub async fn data(&mut self) -> Result<Reply, BackendError> {
+        self.data_start().await?;
+        self.data_confirm().await
+    }
+
+    /// Sends DATA without waiting for the reply, so the client can be told
+    /// 354 at once and the backend's round trip overlaps the client's.
+    /// [`Connection::data_confirm`] must read the reply before anything
+    /// else is written. From here on the connection cannot be reused
+    /// unless the backend refuses DATA, and dropping it aborts the message.
+    pub async fn data_start(&mut self) -> Result<(), BackendError> {
         let limit = self.timeouts.data_init;
-        let started = Instant::now();
-        let r = async {
-            self.send(Stage::Data, b"DATA\r\n", limit).await?;
-            self.read_reply(Stage::Data, limit).await
-        }
-        .await;
+        self.data_sent = Some(Instant::now());
+        self.in_data = true;
+        let r = self.send(Stage::Data, b"DATA\r\n", limit).await;
+        self.tx_check(r)
+    }
+
+    /// The backend's reply to the DATA sent by [`Connection::data_start`].
+    pub async fn data_confirm(&mut self) -> Result<Reply, BackendError> {
+        let limit = self.timeouts.data_init;
+        let started = self.data_sent.take().unwrap_or_else(Instant::now);
+        let r = self.read_reply(Stage::Data, limit).await;
         let reply = self.tx_check(r)?;
         self.observer.stage(Stage::Data, started);
         self.in_data = reply.code == 354;
@@ -779,6 +805,7 @@ impl Backend {
             server_index: index,
             observer: self.observer.clone(),
             tx_open: false,
+            data_sent: None,
             message_buffer: Vec::new(),
         }));
         let started = Instant::now();

@@ -34,6 +34,48 @@ fn failover_to_the_second_backend_server() {
 }
 
 #[test]
+fn backend_refusing_data_is_reported_after_the_clients_message() {
+    // The gateway tells the client 354 without waiting for the backend's
+    // answer to DATA; a refusal must still reach the client, as the reply
+    // to its final dot, and nothing may be delivered.
+    let fake = FakeBackend::start(
+        &[],
+        DataBehaviour::RefuseData("452 4.3.1 Insufficient system storage"),
+    );
+    let gw = Gateway::start(&Config::new(&[fake.addr()]).yaml());
+    let mut c = Client::greeted(gw.addr("smtp"));
+    for round in 0..2 {
+        c.mail("alice@client.test").expect("250");
+        c.rcpt("x@example.test").expect("250");
+        c.send("DATA").expect("354");
+        c.send_raw(b"Subject: refused\r\n\r\nnot stored\r\n.\r\n")
+            .expect("452 4.3.1");
+        assert!(fake.messages().is_empty(), "round {round}");
+    }
+    c.send("QUIT").expect("221");
+    // The backend connection stayed in step: the second transaction went
+    // over the same connection, after an RSET, and no body was ever sent.
+    // (Connections without MAIL are the readiness probe's.)
+    let conns: Vec<Vec<String>> = fake
+        .connections()
+        .into_iter()
+        .filter(|c| c.iter().any(|l| l.starts_with("MAIL")))
+        .collect();
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let verbs: Vec<&str> = conns[0]
+        .iter()
+        .map(|l| l.split([' ', ':']).next().unwrap_or(""))
+        .filter(|v| !matches!(*v, "EHLO" | "QUIT"))
+        .collect();
+    assert_eq!(
+        verbs,
+        ["MAIL", "RCPT", "DATA", "RSET", "MAIL", "RCPT", "DATA"],
+        "{conns:?}"
+    );
+    assert_eq!(fake.data_bytes(), 0);
+}
+
+#[test]
 fn backend_lost_during_data_gives_451_after_the_dot() {
     // The backend reads a little of the message, then hangs up.
     let fake = FakeBackend::start(&[], DataBehaviour::CloseAfter(100));

@@ -27,6 +27,9 @@ pub enum DataBehaviour {
     /// Read the whole message, then answer the final dot with bytes that
     /// are not an SMTP reply. Nothing is stored.
     GarbageAfterDot,
+    /// Answer DATA itself with this reply line (e.g. `452 4.3.1 Full`)
+    /// instead of 354: no message data is expected.
+    RefuseData(&'static str),
     /// A different fate for each DATA, in turn (counted across
     /// connections): accept; close after a rotating number of data bytes;
     /// close after the whole message but before its final dot; store the
@@ -283,6 +286,10 @@ fn serve(
                 }
             }
             "DATA" => {
+                if let DataBehaviour::RefuseData(reply) = script.data {
+                    out.write_all(format!("{reply}\r\n").as_bytes())?;
+                    continue;
+                }
                 out.write_all(b"354 End data with <CR><LF>.<CR><LF>\r\n")?;
                 let behaviour = match script.data {
                     DataBehaviour::Rotate => {
@@ -357,6 +364,7 @@ fn serve(
                         continue;
                     }
                     DataBehaviour::Rotate => unreachable!("resolved above"),
+                    DataBehaviour::RefuseData(_) => unreachable!("answered above"),
                 }
             }
             "RSET" => {

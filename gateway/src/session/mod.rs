@@ -1079,15 +1079,13 @@ impl<S: Transport> Session<S> {
             self.reply(replies::no_valid_recipients());
             return Flow::Continue;
         };
-        match conn.data().await {
-            Ok(r) if r.code == 354 => {
+        // The backend's answer to DATA is read when the body is about to go
+        // out (see `receive_data`): the client hears 354 one round trip
+        // sooner, and a refusal is still reported, after the final dot.
+        match conn.data_start().await {
+            Ok(()) => {
                 self.reply(replies::start_data());
                 Flow::Data
-            }
-            Ok(r) => {
-                let r = replies::mirror(&r, (0, 0));
-                self.reply(r);
-                Flow::Continue
             }
             Err(e) => {
                 tracing::warn!(session = %self.conv.id, error = %e, "backend failed at DATA");
@@ -1161,6 +1159,10 @@ impl<S: Transport> Session<S> {
         // the last piece with the final dot: a small message costs the
         // backend connection one write.
         let mut backend_error: Option<BackendError> = None;
+        // DATA was sent without waiting (see `data`): its reply is read
+        // before the first write of the body.
+        let mut awaiting_go_ahead = true;
+        let mut data_refused: Option<Reply> = None;
         let mut out = conn.take_buffer();
         out.reserve(DATA_READ_CHUNK + header.len());
         out.extend_from_slice(header.as_bytes());
@@ -1183,8 +1185,18 @@ impl<S: Transport> Session<S> {
                 // transaction is dropped without the dot.
                 out.clear();
             }
-            if !out.is_empty() && backend_error.is_none() {
-                backend_error = conn.body(&out).await.err();
+            if !out.is_empty() && backend_error.is_none() && data_refused.is_none() {
+                if awaiting_go_ahead {
+                    awaiting_go_ahead = false;
+                    match conn.data_confirm().await {
+                        Ok(r) if r.code == 354 => {}
+                        Ok(r) => data_refused = Some(r),
+                        Err(e) => backend_error = Some(e),
+                    }
+                }
+                if backend_error.is_none() && data_refused.is_none() {
+                    backend_error = conn.body(&out).await.err();
+                }
             }
             out.clear();
             if let Err(why) = self.read_more(DATA_READ_CHUNK).await {
@@ -1218,6 +1230,14 @@ impl<S: Transport> Session<S> {
                 }
             })
         });
+        let clean = spoofed.is_none() && receiver.violation().is_none();
+        if awaiting_go_ahead && clean && backend_error.is_none() {
+            match conn.data_confirm().await {
+                Ok(r) if r.code == 354 => {}
+                Ok(r) => data_refused = Some(r),
+                Err(e) => backend_error = Some(e),
+            }
+        }
         let (reply, outcome) = if let Some((addr, denied)) = spoofed {
             // The body went to the backend already; closing without the
             // final dot makes it throw the message away.
@@ -1249,6 +1269,16 @@ impl<S: Transport> Session<S> {
             (
                 replies::backend_failed_in_data(),
                 format!("backend_error={}", e.stage().label()),
+            )
+        } else if let Some(r) = data_refused {
+            // Refused before any of the body was sent: the connection is
+            // still in step and is kept (the next transaction starts with
+            // RSET).
+            conn.return_buffer(std::mem::take(&mut out));
+            self.idle_backend = Some(conn);
+            (
+                replies::mirror(&r, (0, 0)),
+                format!("backend={} {}", r.code, r.text()),
             )
         } else {
             match conn.finish(&mut out).await {

@@ -140,7 +140,10 @@ def big_policy(rules):
     return "\n".join(out) + "\n"
 
 
-def start_relayguard(sink_port, tmp, auth=False, rules=0, name="relayguard"):
+def start_relayguard(sink_port, tmp, auth=False, rules=0, name="relayguard", binary=None,
+                     stderr=subprocess.DEVNULL):
+    """Writes a config and starts the gateway (the release build of this
+    checkout unless `binary` names another); returns (process, port)."""
     port = free_port()
     cfg = os.path.join(tmp, f"{name}.yaml")
     policy = big_policy(rules) if rules else "policy:\n  local_domains: [example.test]\n"
@@ -167,9 +170,9 @@ limits:
 audit:
   sink: none
 {AUTH_SECTION if auth else ""}{policy}""")
-    binary = os.path.join(ROOT, "target", "release", "relayguard")
+    binary = binary or os.path.join(ROOT, "target", "release", "relayguard")
     env = dict(os.environ, RELAYGUARD_LOG="warn")
-    proc = subprocess.Popen([binary, "run", "--config", cfg], stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([binary, "run", "--config", cfg], stderr=stderr, env=env)
     wait_port(port)
     return proc, port
 

@@ -2,6 +2,7 @@
 //!
 //! Request path: client ─▶ [`server`] (admission, TLS) ─▶ [`session`]
 //! (SMTP state machine, asks `policy`) ─▶ [`backend`] (SMTP client) ─▶ MTA.
+//! A client greeted and still silent waits in [`idle`], without a task.
 //! Parsing lives in [`smtp`] and never touches a socket.
 #![forbid(unsafe_code)]
 
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod http;
+pub mod idle;
 pub mod metrics;
 pub mod policy_source;
 pub mod proxy_protocol;

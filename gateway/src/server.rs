@@ -2,6 +2,13 @@
 //!
 //! Everything is validated and every port bound before the first
 //! connection is accepted, so a bad configuration never half-starts.
+//!
+//! A plain connection: accepted and admitted, greeted (by the accept loop
+//! itself when nothing can make that wait), parked in the listener's
+//! [`Idle`] parker until its client speaks, then a session task of its own.
+//! With `greeting_delay` or the PROXY protocol a connection starts in a task
+//! (`handle`) and is parked after its greeting too; an implicit-TLS one
+//! keeps its task throughout.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -18,7 +25,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::backend::Backend;
 use crate::config::{Config, TlsMode};
-use crate::metrics::{ConnectionRefusal, Metrics, TlsFailure};
+use crate::idle::{Idle, Woke};
+use crate::metrics::{ActiveConnection, ConnectionRefusal, Metrics, TlsFailure};
 use crate::session::{replies, Conversation, Outcome, Session};
 use crate::tls::{CertStore, TlsInfo};
 use policy::relay::{Policy, RateLimiter};
@@ -37,6 +45,8 @@ pub struct Shared {
     pub audit: crate::audit::AuditLog,
     limits: ConnectionLimits,
     listener_certs: Vec<Arc<CertStore>>,
+    /// The `220` greeting, written once: every plain connection sends it.
+    greeting: Box<[u8]>,
 }
 
 impl Shared {
@@ -86,6 +96,22 @@ struct ConnectionLimits {
     per_ip: Arc<Mutex<HashMap<IpAddr, usize>>>,
     max_per_ip: usize,
 }
+
+/// What an admitted connection holds until it closes: its place under the
+/// connection limits and in the `connections active` gauge.
+struct Held {
+    _admission: Admission,
+    _active: ActiveConnection,
+}
+
+/// A greeted connection waiting in its listener's parker for its client's
+/// first command (see [`crate::idle`]).
+struct Greeted {
+    peer: SocketAddr,
+    held: Held,
+}
+
+type Parker = Idle<Greeted>;
 
 /// Holds a connection's place in both limits until dropped.
 struct Admission {
@@ -223,7 +249,10 @@ impl Server {
             .iter()
             .filter_map(|(i, _)| i.certs.clone())
             .collect();
+        let mut greeting = Vec::new();
+        replies::greeting(&config.hostname).write_to(&mut greeting);
         let shared = Arc::new(Shared {
+            greeting: greeting.into_boxed_slice(),
             listener_certs,
             config,
             rates: RateLimiter::with_capacity(
@@ -293,6 +322,18 @@ async fn accept_loop(
     listener: TcpListener,
     tracker: TaskTracker,
 ) {
+    let idle = Idle::start(
+        shared.config.limits.command_timeout,
+        shared.shutdown.clone(),
+        &tracker,
+        {
+            let (shared, info, tracker) = (shared.clone(), info.clone(), tracker.clone());
+            move |tcp, greeted, why| unparked(&shared, &info, &tracker, tcp, greeted, why)
+        },
+    );
+    // Plain SMTP with no greeting delay: greeted right here (see `greet_at_once`).
+    let plain_at_once = !(info.mode == TlsMode::Implicit && info.acceptor.is_some())
+        && shared.config.smtp.greeting_delay.is_zero();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
@@ -329,6 +370,7 @@ async fn accept_loop(
             };
             let shared = shared.clone();
             let info = info.clone();
+            let idle = idle.clone();
             tracker.spawn(async move {
                 let mut tcp = tcp;
                 let timeout = shared.config.limits.proxy_protocol_timeout;
@@ -348,9 +390,11 @@ async fn accept_loop(
                 };
                 match shared.limits.admit_ip(permit, client.ip()) {
                     Ok(admission) => {
-                        let active = shared.metrics.connection_opened(&info.name);
-                        handle(shared, info, tcp, client).await;
-                        drop((admission, active));
+                        let held = Held {
+                            _admission: admission,
+                            _active: shared.metrics.connection_opened(&info.name),
+                        };
+                        handle(shared, info, idle, tcp, client, held).await;
                     }
                     Err(refusal) => refuse_admission(&shared, &info, tcp, client, refusal),
                 }
@@ -359,13 +403,22 @@ async fn accept_loop(
         }
         match shared.limits.admit(peer.ip()) {
             Ok(admission) => {
-                let active = shared.metrics.connection_opened(&info.name);
-                let shared = shared.clone();
-                let info = info.clone();
-                tracker.spawn(async move {
-                    handle(shared, info, tcp, peer).await;
-                    drop((admission, active));
-                });
+                let held = Held {
+                    _admission: admission,
+                    _active: shared.metrics.connection_opened(&info.name),
+                };
+                if plain_at_once {
+                    greet_at_once(&shared, &info, &idle, &tracker, (tcp, peer), held);
+                } else {
+                    tracker.spawn(handle(
+                        shared.clone(),
+                        info.clone(),
+                        idle.clone(),
+                        tcp,
+                        peer,
+                        held,
+                    ));
+                }
             }
             Err(refusal) => refuse_admission(&shared, &info, tcp, peer, refusal),
         }
@@ -421,17 +474,30 @@ fn session_id() -> String {
 /// Is the client sending before it was greeted? Waits up to `delay` for
 /// a byte (peeked, not consumed); with no delay only checks what arrived.
 async fn talks_first(tcp: &TcpStream, delay: Duration) -> bool {
-    let mut probe = [0u8; 1];
     if delay.is_zero() {
-        return matches!(tcp.try_read(&mut probe), Ok(n) if n > 0);
+        return talked_already(tcp);
     }
+    let mut probe = [0u8; 1];
     matches!(tokio::time::timeout(delay, tcp.peek(&mut probe)).await, Ok(Ok(n)) if n > 0)
 }
 
-/// One client connection from accept to close. The conversation is built
-/// where it is handed over, so this future never holds it beside the
-/// session that owns it (an idle connection's memory is mostly this future).
-async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, peer: SocketAddr) {
+/// Has the client sent something already? (What it sent is lost: it is
+/// refused anyway.)
+fn talked_already(tcp: &TcpStream) -> bool {
+    matches!(tcp.try_read(&mut [0u8; 1]), Ok(n) if n > 0)
+}
+
+/// One client connection from accept to close, or until its greeting,
+/// when the listener's parker takes it over. `held` (the connection's place
+/// under the limits) is released when the connection closes, wherever.
+async fn handle(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    idle: Parker,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    held: Held,
+) {
     let conv = || Conversation::new(session_id(), peer, info.clone(), shared.clone());
     if let (TlsMode::Implicit, Some(acceptor)) = (info.mode, &info.acceptor) {
         // Boxed here and below: TLS state is large, and the future of a
@@ -443,20 +509,142 @@ async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, pe
         Box::pin(refuse_early_talker(tcp, conv())).await;
         return;
     }
-    // Greet, then wait for the client's first bytes before building the
-    // session: a client that connects and stays silent costs only this
-    // small future, not a session, buffers and all.
-    let mut tcp = tcp;
-    let greeted = greet_and_wait(&mut tcp, &shared).await;
-    let mut conv = conv();
-    match greeted {
-        Ok(sent) => conv.bytes_out += sent,
-        Err(why) => {
-            conv.end = why;
+    greet_from(shared, info, idle, tcp, peer, held, 0).await;
+}
+
+/// A plain connection greeted without a task of its own, when nothing can
+/// make it wait: no greeting delay (the early-talker check only looks at
+/// what arrived), and the greeting fits in the new socket's buffer. A
+/// silent client then goes straight to the parker. Otherwise a task
+/// carries on where this stopped.
+fn greet_at_once(
+    shared: &Arc<Shared>,
+    info: &Arc<ListenerInfo>,
+    idle: &Parker,
+    tracker: &TaskTracker,
+    (tcp, peer): (TcpStream, SocketAddr),
+    held: Held,
+) {
+    let (shared, info) = (shared.clone(), info.clone());
+    if talked_already(&tcp) {
+        let conv = Conversation::new(session_id(), peer, info, shared);
+        tracker.spawn(async move {
+            refuse_early_talker(tcp, conv).await;
+            drop(held);
+        });
+        return;
+    }
+    // Would block or failed: the task tries again and finds out which.
+    let sent = tcp.try_write(&shared.greeting).unwrap_or(0);
+    let (tcp, held) = if sent == shared.greeting.len() {
+        match idle.park(tcp, Greeted { peer, held }) {
+            Ok(()) => return,
+            Err((tcp, greeted)) => (tcp, greeted.held),
+        }
+    } else {
+        (tcp, held)
+    };
+    tracker.spawn(greet_from(
+        shared,
+        info,
+        idle.clone(),
+        tcp,
+        peer,
+        held,
+        sent,
+    ));
+}
+
+/// Sends the greeting (from byte `from` on: the rest of it), then parks the
+/// connection until its client speaks, or waits in this task when the
+/// parker does not take it.
+async fn greet_from(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    idle: Parker,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    held: Held,
+    from: usize,
+) {
+    if tcp.write_all(&shared.greeting[from..]).await.is_err() {
+        let mut conv = Conversation::new(session_id(), peer, info, shared);
+        conv.end = "client_gone";
+        closed(&conv);
+        return;
+    }
+    // A client that stays silent waits in the parker, not in a task: it
+    // costs a slot there, not this future, a timer and a shutdown waiter.
+    let Err((tcp, Greeted { peer, held })) = idle.park(tcp, Greeted { peer, held }) else {
+        return;
+    };
+    // Not parked: the client spoke already, or shutdown began.
+    match wait_for_input(&tcp, &shared).await {
+        Ok(()) => converse(shared, info, tcp, peer, held).await,
+        Err((reply, why)) => Box::pin(hang_up(shared, info, tcp, peer, held, reply, why)).await,
+    }
+}
+
+/// Waits in this task until the client sends something (or closes), as the
+/// parker would. Idle past `command_timeout`, or at shutdown, the reply to
+/// send and the reason are returned.
+async fn wait_for_input(
+    tcp: &TcpStream,
+    shared: &Shared,
+) -> Result<(), (crate::smtp::reply::Reply, &'static str)> {
+    let host = &shared.config.hostname;
+    let timeout = shared.config.limits.command_timeout;
+    tokio::select! {
+        r = tokio::time::timeout(timeout, tcp.readable()) => match r {
+            Ok(_) => Ok(()),
+            Err(_) => Err((replies::timeout(host), "timeout")),
+        },
+        _ = shared.shutdown.cancelled() => Err((replies::shutting_down(host), "shutdown")),
+    }
+}
+
+/// A connection comes back from the parker (on the parker's task, so
+/// nothing here waits).
+fn unparked(
+    shared: &Arc<Shared>,
+    info: &Arc<ListenerInfo>,
+    tracker: &TaskTracker,
+    tcp: TcpStream,
+    greeted: Greeted,
+    why: Woke,
+) {
+    let Greeted { peer, held } = greeted;
+    let (shared, info) = (shared.clone(), info.clone());
+    let host = &shared.config.hostname;
+    let (reply, end) = match why {
+        Woke::Input => {
+            tracker.spawn(converse(shared, info, tcp, peer, held));
+            return;
+        }
+        Woke::Closed => {
+            // As a session that reads end-of-file first would end.
+            let mut conv = Conversation::new(session_id(), peer, info, shared.clone());
+            conv.bytes_out += shared.greeting.len() as u64;
+            conv.end = "client_gone";
             closed(&conv);
             return;
         }
-    }
+        Woke::TimedOut => (replies::timeout(host), "timeout"),
+        Woke::Shutdown => (replies::shutting_down(host), "shutdown"),
+    };
+    tracker.spawn(hang_up(shared, info, tcp, peer, held, reply, end));
+}
+
+/// The session proper, once the greeted client has sent something.
+async fn converse(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    held: Held,
+) {
+    let mut conv = Conversation::new(session_id(), peer, info.clone(), shared.clone());
+    conv.bytes_out += shared.greeting.len() as u64;
     match Box::pin(Session::new(tcp, conv).run()).await {
         Outcome::Closed(conv) => closed(&conv),
         Outcome::StartTls(tcp, conv) => match info.acceptor.clone() {
@@ -464,34 +652,28 @@ async fn handle(shared: Arc<Shared>, info: Arc<ListenerInfo>, tcp: TcpStream, pe
             None => closed(&conv),
         },
     }
+    drop(held);
 }
 
-/// Sends the greeting and waits until the client sends something (or
-/// closes). Idle past `command_timeout`, or at shutdown, the client is
-/// told 421 here, as a session would tell it.
-async fn greet_and_wait(tcp: &mut TcpStream, shared: &Shared) -> Result<u64, &'static str> {
-    let host = &shared.config.hostname;
-    let mut out = Vec::new();
-    replies::greeting(host).write_to(&mut out);
-    if tcp.write_all(&out).await.is_err() {
-        return Err("client_gone");
-    }
-    let sent = out.len() as u64;
-    drop(out);
-    let timeout = shared.config.limits.command_timeout;
-    let waited = tokio::select! {
-        r = tokio::time::timeout(timeout, tcp.readable()) => match r {
-            Ok(Ok(())) => return Ok(sent),
-            Ok(Err(_)) => return Err("client_gone"),
-            Err(_) => (replies::timeout(host), "timeout"),
-        },
-        _ = shared.shutdown.cancelled() => (replies::shutting_down(host), "shutdown"),
-    };
-    let (reply, why) = waited;
+/// Tells a greeted client that never spoke why it is closed (timeout or
+/// shutdown), then counts the session.
+async fn hang_up(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    held: Held,
+    reply: crate::smtp::reply::Reply,
+    end: &'static str,
+) {
     let mut out = Vec::new();
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
-    Err(why)
+    let mut conv = Conversation::new(session_id(), peer, info, shared.clone());
+    conv.bytes_out += (shared.greeting.len() + out.len()) as u64;
+    conv.end = end;
+    closed(&conv);
+    drop(held);
 }
 
 /// Binds with an explicit accept backlog. A burst of connections beyond the

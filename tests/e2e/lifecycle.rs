@@ -4,6 +4,7 @@
 use std::net::TcpStream;
 use std::time::Duration;
 
+use relayguard_e2e::prometheus::{http_get, metrics_addr, sample_value};
 use relayguard_e2e::{closed_port, config, dot_stuff, wait_until, Client, Gateway, TIMEOUT};
 
 use crate::{gateway_with_sink, BODY, HOST};
@@ -146,4 +147,149 @@ fn idle_timeout_closes_with_421() {
     c.expect("421 4.4.2");
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert!(c.is_closed());
+}
+
+// ------------------------------------------------ silent clients (the parker)
+//
+// A client that is greeted and says nothing waits in its listener's parker,
+// not in a task of its own (gateway/src/idle.rs). `Client::greeted` sends
+// EHLO, so these tests connect with `Client::connect` and stay silent.
+
+/// Connects and reads the greeting, then says nothing.
+fn silent(addr: std::net::SocketAddr) -> Client {
+    let mut c = Client::connect(addr);
+    c.expect(&format!("220 {HOST}"));
+    c
+}
+
+/// `end` of the "session closed" lines logged so far.
+fn session_ends(gw: &Gateway) -> Vec<String> {
+    gw.log_events("session closed")
+        .iter()
+        .map(|v| v["end"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+#[test]
+fn a_client_silent_after_the_greeting_times_out_with_421() {
+    let (_sink, gw) = gateway_with_sink(&[("limits.command_timeout", "1s")]);
+    let mut c = silent(gw.addr("smtp"));
+    let started = std::time::Instant::now();
+    c.expect(&format!("421 4.4.2 {HOST}"));
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "after {waited:?}");
+    assert!(c.is_closed());
+    let ev = gw.wait_for_event("session closed", TIMEOUT, |_| true);
+    assert_eq!(ev["end"], "timeout", "{ev}");
+}
+
+/// At SIGTERM every silent client is told 421 at once, and the gateway
+/// exits without waiting for the drain deadline.
+#[test]
+fn sigterm_tells_every_silent_client_at_once() {
+    let (_sink, mut gw) = gateway_with_sink(&[("shutdown.drain_timeout", "30s")]);
+    let mut clients: Vec<Client> = (0..20).map(|_| silent(gw.addr("smtp"))).collect();
+    let started = std::time::Instant::now();
+    gw.signal("TERM");
+    for c in &mut clients {
+        c.expect(&format!("421 4.3.2 {HOST}"));
+        assert!(c.is_closed());
+    }
+    let status = gw.wait_exit(TIMEOUT).expect("relayguard exits");
+    assert!(status.success(), "exit status {status}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    gw.wait_for_log("all sessions finished", TIMEOUT);
+    let ends = session_ends(&gw);
+    assert_eq!(ends.len(), 20, "{ends:?}");
+    assert!(ends.iter().all(|e| e == "shutdown"), "{ends:?}");
+}
+
+/// A silent client that hangs up gives everything back: its place under
+/// the per-address limit, the `connections_active` gauge, its descriptor.
+/// One that speaks after a while gets its session.
+#[test]
+fn silent_clients_that_hang_up_give_their_places_back() {
+    let (_sink, gw) = gateway_with_sink(&[
+        ("limits.max_connections_per_ip", "3"),
+        ("metrics.address", "127.0.0.1:0"),
+    ]);
+    let smtp = gw.addr("smtp");
+    let metrics = metrics_addr(&gw);
+    let active = || {
+        let text = http_get(metrics, "/metrics").body;
+        sample_value(
+            &text,
+            "relayguard_connections_active",
+            &[("listener", "smtp")],
+        )
+    };
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", gw.pid()))
+            .unwrap()
+            .count()
+    };
+    let fd0 = fds();
+
+    let mut clients: Vec<Client> = (0..3).map(|_| silent(smtp)).collect();
+    assert_eq!(active(), Some(3.0));
+    let mut refused = Client::connect(smtp);
+    refused.expect("421 4.7.0");
+    assert!(refused.is_closed());
+
+    drop(clients.split_off(1));
+    assert!(
+        wait_until(TIMEOUT, || active() == Some(1.0)),
+        "connections_active {:?} after two silent clients hung up",
+        active()
+    );
+    assert!(wait_until(TIMEOUT, || session_ends(&gw)
+        .iter()
+        .filter(|e| *e == "client_gone")
+        .count()
+        == 2));
+    assert!(
+        wait_until(TIMEOUT, || fds() <= fd0 + 1),
+        "{} fds, {fd0} before",
+        fds()
+    );
+
+    // Their places are free again; the one still waiting speaks.
+    let mut more: Vec<Client> = (0..2).map(|_| silent(smtp)).collect();
+    let first = &mut clients[0];
+    first.ehlo("client.test").expect("250");
+    first.send("QUIT").expect("221");
+    for c in &mut more {
+        c.send("QUIT").expect("221");
+    }
+    assert!(
+        wait_until(TIMEOUT, || active() == Some(0.0)),
+        "connections_active {:?} after every client left",
+        active()
+    );
+}
+
+/// With `greeting_delay`, a client that talks before the greeting is
+/// refused; a patient one is greeted after the delay, waits silent like
+/// any other, and is served when it speaks.
+#[test]
+fn greeting_delay_refuses_early_talkers_and_greets_the_patient() {
+    let (_sink, gw) = gateway_with_sink(&[
+        ("smtp.greeting_delay", "500ms"),
+        ("limits.command_timeout", "2s"),
+    ]);
+    let smtp = gw.addr("smtp");
+    let mut early = Client::connect(smtp);
+    early.send_raw(b"EHLO early.test\r\n");
+    early.expect("554 5.5.1");
+    assert!(early.is_closed());
+
+    let started = std::time::Instant::now();
+    let mut patient = silent(smtp);
+    assert!(started.elapsed() >= Duration::from_millis(450));
+    std::thread::sleep(Duration::from_millis(500));
+    patient.ehlo("client.test").expect("250");
+    patient.send("QUIT").expect("221");
+
+    let mut quiet = silent(smtp);
+    quiet.expect("421 4.4.2");
 }

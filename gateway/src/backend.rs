@@ -705,6 +705,39 @@ impl Backend {
         self.observer.metrics.backend_pool_idle(pool.len());
     }
 
+    /// Closes (with QUIT) the pooled connections idle for `idle_timeout`.
+    /// `take_idle` and `release` skip such connections too, but only when
+    /// traffic calls them: without this, a quiet gateway would keep its
+    /// idle connections open for as long as the backend tolerates them.
+    pub fn expire_idle(&self) {
+        let mut expired = Vec::new();
+        {
+            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            while pool.front().is_some_and(|(_, since)| {
+                now.duration_since(*since) >= self.pool_config.idle_timeout
+            }) {
+                expired.extend(pool.pop_front().map(|(conn, _)| conn));
+            }
+            self.observer.metrics.backend_pool_idle(pool.len());
+        }
+        for conn in expired {
+            tokio::spawn(conn.quit());
+        }
+    }
+
+    /// Runs [`Backend::expire_idle`] every half `idle_timeout` (at least
+    /// every second) until `shutdown`.
+    pub async fn sweep_pool(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let every = (self.pool_config.idle_timeout / 2).max(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(every) => self.expire_idle(),
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     /// Connects to the servers in order; the first that greets wins.
     /// For a transaction: when none answers, the transaction is counted
     /// as `unavailable`.

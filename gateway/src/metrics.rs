@@ -1096,6 +1096,32 @@ mod backend_tests {
     }
 
     #[tokio::test]
+    async fn idle_pool_connections_expire_without_traffic() {
+        let ok = backend(AfterData::Reply("250 queued")).await;
+        let m = Arc::new(Metrics::new());
+        let yaml = format!("servers: [\"{ok}\"]\npool:\n  idle_timeout: 1s\n");
+        let config: crate::config::BackendConfig = serde_norway::from_str(&yaml).unwrap();
+        let b = Backend::new(&config, "relay.test", m.clone()).unwrap();
+        let mut conn = to_data(&b).await;
+        assert!(conn.finish(&mut Vec::new()).await.unwrap().is_positive());
+        b.release(conn);
+        let idle = "relayguard_backend_pool_idle_connections";
+        assert_eq!(value(&m, idle), 1.0);
+        b.expire_idle();
+        assert_eq!(value(&m, idle), 1.0, "not idle long enough yet");
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let sweeper = tokio::spawn(b.clone().sweep_pool(shutdown.clone()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while value(&m, idle) != 0.0 {
+            assert!(std::time::Instant::now() < deadline, "never expired");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(b.take_idle().is_none());
+        shutdown.cancel();
+        sweeper.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn transaction_results_stages_and_health() {
         let ok = backend(AfterData::Reply("250 queued")).await;
         let refuses = backend(AfterData::Reply("554 no")).await;

@@ -296,6 +296,7 @@ impl Server {
             let tracker2 = tracker.clone();
             tracker.spawn(accept_loop(shared, info, listener, tracker2));
         }
+        tokio::spawn(shared.backend.clone().sweep_pool(shared.shutdown.clone()));
         shared.metrics.set_accepting(true);
         shared.shutdown.cancelled().await;
         shared.metrics.set_accepting(false);

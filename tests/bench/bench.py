@@ -230,25 +230,31 @@ def loadgen(port, sessions, parallel, *flags):
     return {k: float(v) for k, v in (kv.split("=") for kv in out.split())}
 
 
+# Messages per authenticated connection besides one: where the two extra
+# round trips of the NTLM exchange stop mattering.
+PER_CONN_SWEEP = (2, 5, 20)
+
+
 def auth_benchmark(sink, tmp, rounds, sessions, parallel):
     """AUTH NTLM + relay policy against the same load without AUTH, and
     policy of 1,000 rules against a minimal one, interleaved; plus
     in-process verifications per core."""
     big, big_port = start_relayguard(sink.port, tmp, auth=True, rules=1000, name="rg-policy1000")
     plain, plain_port = start_relayguard(sink.port, tmp, auth=True, rules=0, name="rg-auth")
-    results = {k: [] for k in ("no_auth", "ntlm", "ntlm_policy1000", "handshakes", "auth_p50", "auth_p99",
-                               "no_auth_20", "ntlm_20")}
+    results = {k: [] for k in ("no_auth", "ntlm", "ntlm_policy1000", "handshakes", "auth_p50", "auth_p99")}
     try:
         for _ in range(rounds):
             results["no_auth"].append(loadgen(plain_port, sessions, parallel, "--message", "--no-auth")["per_second"])
             r = loadgen(plain_port, sessions, parallel, "--message")
             results["ntlm"].append(r["per_second"])
             results["ntlm_policy1000"].append(loadgen(big_port, sessions, parallel, "--message")["per_second"])
-            # 20 messages per connection: AUTH once, then the same work.
-            few = max(sessions // 20, 10)
-            results["no_auth_20"].append(
-                20 * loadgen(plain_port, few, parallel, "--messages", "20", "--no-auth")["per_second"])
-            results["ntlm_20"].append(20 * loadgen(plain_port, few, parallel, "--messages", "20")["per_second"])
+            # Several messages per connection: AUTH once, then the same work.
+            for n in PER_CONN_SWEEP:
+                few = max(sessions // n, 10)
+                results.setdefault(f"no_auth_{n}", []).append(
+                    n * loadgen(plain_port, few, parallel, "--messages", str(n), "--no-auth")["per_second"])
+                results.setdefault(f"ntlm_{n}", []).append(
+                    n * loadgen(plain_port, few, parallel, "--messages", str(n))["per_second"])
             h = loadgen(plain_port, sessions, parallel)
             results["handshakes"].append(h["per_second"])
             results["auth_p50"].append(h["auth_p50_ms"])
@@ -265,9 +271,10 @@ def auth_benchmark(sink, tmp, rounds, sessions, parallel):
     print(f"| no AUTH, one message | {med['no_auth']:.0f} | 1.00 |")
     print(f"| AUTH NTLM + policy, one message | {med['ntlm']:.0f} | {med['ntlm'] / med['no_auth']:.2f} |")
     print(f"| AUTH NTLM + policy of 1,000 rules | {med['ntlm_policy1000']:.0f} | {med['ntlm_policy1000'] / med['no_auth']:.2f} |")
-    print(f"| no AUTH, 20 messages per connection (messages/s) | {med['no_auth_20']:.0f} | 1.00 |")
-    print(f"| AUTH NTLM + policy, 20 messages per connection (messages/s) | {med['ntlm_20']:.0f} | "
-          f"{med['ntlm_20'] / med['no_auth_20']:.2f} |")
+    for n in PER_CONN_SWEEP:
+        print(f"| no AUTH, {n} messages per connection (messages/s) | {med[f'no_auth_{n}']:.0f} | 1.00 |")
+        print(f"| AUTH NTLM + policy, {n} messages per connection (messages/s) | {med[f'ntlm_{n}']:.0f} | "
+              f"{med[f'ntlm_{n}'] / med[f'no_auth_{n}']:.2f} |")
     print(f"\nFull NTLM handshakes per second (connect, EHLO, 3-step AUTH, QUIT): {med['handshakes']:.0f}; "
           f"AUTH exchange p50 {med['auth_p50']:.2f} ms, p99 {med['auth_p99']:.2f} ms")
     print(f"In-process NTLMv2 verifications (users file): {verify.strip()}")
@@ -482,10 +489,10 @@ def main():
     print(f"\nMeasured {time.strftime('%Y-%m-%d %H:%M')} on {os.cpu_count()} cores, load average at the end "
           f"{load[0]:.2f}; {args.rounds} interleaved rounds per cell, medians; run took {time.time() - t0:.0f} s.")
     if results:
-        print(f"\nThroughput (smtp-source -> contender -> smtp-sink; msgs/s = messages at the sink / time until "
-              f"the last reached it; CPU = utime+stime of the contender's whole process tree, reaped children "
-              f"included, per delivered message; lost = acknowledged or sent but not at the sink, summed over "
-              f"rounds):\n")
+        print("\nThroughput (smtp-source -> contender -> smtp-sink; msgs/s = messages at the sink / time until "
+              "the last reached it; CPU = utime+stime of the contender's whole process tree, reaped children "
+              "included, per delivered message; lost = acknowledged or sent but not at the sink, summed over "
+              "rounds):\n")
         print(matrix_table(results, args.rounds))
     if times:
         print()

@@ -355,11 +355,12 @@ impl<S: Transport> Session<S> {
                 };
                 self.line_deadline = None;
                 let flow = match line {
-                    // Boxed: the command futures (backend connect, TLS,
-                    // AUTH) are large, and an idle session should not
-                    // carry their space while it waits for input.
+                    // The large command futures (RCPT with its backend
+                    // connect, AUTH, the SASL steps) are boxed where they
+                    // are awaited, so an idle session does not carry their
+                    // space, and the common commands allocate nothing.
                     Ok(line) if self.exchange.is_some() => Box::pin(self.sasl_line(&line)).await,
-                    Ok(line) => Box::pin(self.command(&line)).await,
+                    Ok(line) => self.command(&line).await,
                     Err(e) => {
                         self.exchange = None;
                         self.line_error(e)
@@ -554,7 +555,7 @@ impl<S: Transport> Session<S> {
                 };
                 self.mail(from, params)
             }
-            Command::Rcpt { to } => self.rcpt(without_source_route(to)).await,
+            Command::Rcpt { to } => Box::pin(self.rcpt(without_source_route(to))).await,
             Command::Data => self.data().await,
             Command::Bdat { size, .. } => {
                 // RFC 3030 §4: a refused chunk is still consumed, so its
@@ -622,7 +623,7 @@ impl<S: Transport> Session<S> {
             Command::Auth {
                 mechanism,
                 initial_response,
-            } => self.auth(&mechanism, initial_response.as_deref()).await,
+            } => Box::pin(self.auth(&mechanism, initial_response.as_deref())).await,
         }
     }
 
@@ -1365,18 +1366,21 @@ async fn begin_backend(
         size: tx.params.size,
         eight_bit: tx.params.body == Some(Body::EightBitMime),
     };
+    // Connecting (TCP, greeting, EHLO, maybe TLS) is a future of some 4 KB,
+    // needed only when no warm connection is at hand: boxed, so that every
+    // RCPT does not carry (and allocate) its space.
     let (mut conn, reused) = match idle {
         Some(c) => (c, true),
         None => match shared.backend.take_idle() {
             Some(c) => (c, true),
-            None => (shared.backend.connect_any().await?, false),
+            None => (Box::pin(shared.backend.connect_any()).await?, false),
         },
     };
     let begun = match conn.begin(&args, rcpt).await {
         Ok(b) => b,
         Err(e) if reused => {
             tracing::debug!(error = %e, "reused backend connection failed; opening a new one");
-            conn = shared.backend.connect_any().await?;
+            conn = Box::pin(shared.backend.connect_any()).await?;
             conn.begin(&args, rcpt).await?
         }
         Err(e) => return Err(e),

@@ -363,17 +363,33 @@ mod tests {
     /// Feeds the pieces in order, stopping at the first Complete as a session
     /// would.
     fn feed(max_line: usize, max_size: u64, pieces: &[&[u8]]) -> Run {
+        feed_as(false, max_line, max_size, pieces)
+    }
+
+    /// What goes to the backend: `ingest_stuffed` in the given pieces.
+    fn feed_stuffed(max_line: usize, max_size: u64, pieces: &[&[u8]]) -> Run {
+        feed_as(true, max_line, max_size, pieces)
+    }
+
+    fn feed_as(stuffed: bool, max_line: usize, max_size: u64, pieces: &[&[u8]]) -> Run {
         let mut rx = DataReceiver::new(max_line, max_size);
         let mut out = Vec::new();
         let mut consumed = 0;
         let mut status = NeedMore;
+        let ingest = |rx: &mut DataReceiver, piece: &[u8], out: &mut Vec<u8>| {
+            if stuffed {
+                rx.ingest_stuffed(piece, out)
+            } else {
+                rx.ingest(piece, out)
+            }
+        };
         for piece in pieces {
-            let (n, st) = rx.ingest(piece, &mut out);
+            let (n, st) = ingest(&mut rx, piece, &mut out);
             assert!(n <= piece.len());
             consumed += n;
             status = st;
             if st == Complete {
-                assert_eq!(rx.ingest(b"more", &mut out), (0, Complete));
+                assert_eq!(ingest(&mut rx, b"more", &mut out), (0, Complete));
                 break;
             }
             assert_eq!(n, piece.len(), "NeedMore must consume everything");
@@ -673,29 +689,6 @@ mod tests {
             assert_eq!(run.out, m);
             assert_eq!(run.violation, None);
             assert_eq!(run.consumed, stuffed.len());
-        }
-    }
-
-    /// What goes to the backend: `ingest_stuffed` in the given pieces.
-    fn feed_stuffed(max_line: usize, max_size: u64, pieces: &[&[u8]]) -> Run {
-        let mut rx = DataReceiver::new(max_line, max_size);
-        let mut out = Vec::new();
-        let mut consumed = 0;
-        let mut status = NeedMore;
-        for piece in pieces {
-            let (n, st) = rx.ingest_stuffed(piece, &mut out);
-            consumed += n;
-            status = st;
-            if st == Complete {
-                break;
-            }
-        }
-        Run {
-            out,
-            consumed,
-            status,
-            violation: rx.violation(),
-            size: rx.size(),
         }
     }
 

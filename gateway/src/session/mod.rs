@@ -1181,12 +1181,14 @@ impl<S: Transport> Session<S> {
             if status == DataStatus::Complete {
                 break;
             }
+            // Nothing new (the body has not arrived yet): what is pending,
+            // the trace header, waits for the first piece of the body.
+            let fresh = out.len() > before;
             if receiver.violation().is_some() {
                 // Never sent: the message is refused, and the backend's
                 // transaction is dropped without the dot.
                 out.clear();
-            }
-            if !out.is_empty() && backend_error.is_none() && data_refused.is_none() {
+            } else if fresh && backend_error.is_none() && data_refused.is_none() {
                 if awaiting_go_ahead {
                     awaiting_go_ahead = false;
                     match conn.data_confirm().await {
@@ -1198,8 +1200,11 @@ impl<S: Transport> Session<S> {
                 if backend_error.is_none() && data_refused.is_none() {
                     backend_error = conn.body(&out).await.err();
                 }
+                out.clear();
+            } else if fresh {
+                // The backend failed or refused: read on, send nothing.
+                out.clear();
             }
-            out.clear();
             if let Err(why) = self.read_more(DATA_READ_CHUNK).await {
                 // Dropping `conn` here closes the backend connection without
                 // the terminating dot: the backend discards the partial message.

@@ -139,10 +139,22 @@ impl DataReceiver {
         out: &mut Vec<u8>,
     ) -> (usize, DataStatus) {
         let mut i = 0;
+        // Where whole-line runs may be tried again after one failed (see
+        // `lines`): each byte is looked at in bulk at most once.
+        let mut bulk_from = 0;
         while i < input.len() {
             let b = input[i];
             match self.state {
                 State::Done => return (i, DataStatus::Complete),
+                State::LineStart if b != b'.' && i >= bulk_from => {
+                    let (taken, examined) = self.lines(&input[i..], out);
+                    if taken == 0 {
+                        bulk_from = i + examined.max(1);
+                        i += self.text(&input[i..], out);
+                    } else {
+                        i += taken;
+                    }
+                }
                 State::LineStart if b == b'.' => {
                     self.state = State::Dot;
                     i += 1;
@@ -190,6 +202,47 @@ impl DataReceiver {
             DataStatus::NeedMore
         };
         (i, status)
+    }
+
+    /// From a line start, the longest run of whole lines that need no
+    /// attention, emitted with one copy: each ends in CR LF, none holds
+    /// another CR, a LF or a NUL, none is too long, none starts with a dot
+    /// (stuffing or the end: the state machine takes those), and all fit
+    /// the size limit. Such lines are the same unstuffed and on the wire.
+    /// Returns (bytes taken, bytes examined); when nothing is taken the
+    /// caller goes on byte by byte and does not look at the examined bytes
+    /// in bulk again, so hostile input cannot make this quadratic.
+    fn lines(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, usize) {
+        let room = self.max_size.saturating_sub(self.size);
+        let mut end = 0;
+        let mut count = 0;
+        for lf in memchr::memchr_iter(b'\n', input) {
+            let len = lf + 1 - end;
+            if lf == end
+                || input[lf - 1] != b'\r'
+                || input[end] == b'.'
+                || len > self.max_line
+                || (lf + 1) as u64 > room
+            {
+                if end == 0 {
+                    return (0, lf + 1);
+                }
+                break;
+            }
+            end = lf + 1;
+            count += 1;
+        }
+        if end == 0 {
+            // Not one whole line here.
+            return (0, input.len());
+        }
+        let run = &input[..end];
+        if memchr::memchr(0, run).is_some() || memchr::memchr_iter(b'\r', run).count() != count {
+            return (0, end);
+        }
+        out.extend_from_slice(run);
+        self.size += end as u64;
+        (end, end)
     }
 
     /// Writes a stuffing dot (not part of the message, so not counted),

@@ -1,11 +1,12 @@
 //! The backend misbehaves, is down, or is old: the client must get an
 //! honest answer (4xx when in doubt) and nothing may be half-delivered.
 
+use relayguard_e2e::prometheus::{http_get, metrics_addr, sample_value};
 use relayguard_e2e::{
-    closed_port, Client, Config, DataBehaviour, FakeBackend, Gateway, Sink, TIMEOUT,
+    closed_port, wait_until, Client, Config, DataBehaviour, FakeBackend, Gateway, Sink, TIMEOUT,
 };
 
-use crate::{BODY, HOST};
+use crate::{gateway_with_sink, BODY, HOST};
 
 #[test]
 fn unreachable_backend_gives_451_at_rcpt() {
@@ -73,6 +74,63 @@ fn backend_refusing_data_is_reported_after_the_clients_message() {
         "{conns:?}"
     );
     assert_eq!(fake.data_bytes(), 0);
+}
+
+#[test]
+fn smtp_sink_refusing_data_is_reported_after_the_dot() {
+    // The same against a real server: `smtp-sink -r data` answers DATA
+    // with a 4xx. The client hears 354 first, then the refusal for its
+    // message, twice over the same session, and nothing is stored.
+    let sink = Sink::start(&["-r", "data"]);
+    let gw = Gateway::start(&Config::new(&[sink.addr()]).yaml());
+    let mut c = Client::greeted(gw.addr("smtp"));
+    for _ in 0..2 {
+        c.mail("alice@client.test").expect("250");
+        c.rcpt("x@example.test").expect("250");
+        c.send("DATA").expect("354");
+        c.send_raw(b"Subject: refused\r\n\r\nnot stored\r\n.\r\n")
+            .expect("4");
+    }
+    c.send("QUIT").expect("221");
+    // smtp-sink opens its dump file at MAIL, so a refused transaction can
+    // leave an envelope-only file: its own counter of finished messages,
+    // and the absence of the body, are the truth.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sink.delivered(), 0);
+    assert!(sink
+        .messages()
+        .iter()
+        .all(|m| !m.data.contains("not stored")));
+}
+
+#[test]
+fn idle_backend_connections_close_after_idle_timeout_without_traffic() {
+    let (sink, gw) = gateway_with_sink(&[
+        ("backend.pool.idle_timeout", "1s"),
+        ("metrics.address", "127.0.0.1:0"),
+    ]);
+    let metrics = metrics_addr(&gw);
+    let idle = || {
+        let text = http_get(metrics, "/metrics").body;
+        sample_value(&text, "relayguard_backend_pool_idle_connections", &[])
+    };
+    let mut c = Client::greeted(gw.addr("smtp"));
+    c.mail("alice@client.test").expect("250");
+    c.rcpt("x@example.test").expect("250");
+    c.data_body(BODY).expect("250");
+    c.send("QUIT").expect("221");
+    sink.wait_for_messages(1, TIMEOUT);
+    assert!(
+        wait_until(TIMEOUT, || idle() == Some(1.0)),
+        "pooled after the session: {:?}",
+        idle()
+    );
+    // No more traffic: the sweeper closes it once idle_timeout has passed.
+    assert!(
+        wait_until(TIMEOUT, || idle() == Some(0.0)),
+        "still pooled: {:?}",
+        idle()
+    );
 }
 
 #[test]

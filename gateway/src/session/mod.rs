@@ -1424,3 +1424,28 @@ async fn begin_backend(
     tx.backend = Some(conn);
     Ok(Opened::Rcpt(rcpt_reply))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TransactionNotes;
+
+    #[test]
+    fn transaction_notes_stay_bounded() {
+        // Notes are only kept when the summary line is logged at all.
+        let _log = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::INFO)
+                .with_writer(std::io::sink)
+                .finish(),
+        );
+        let mut notes = TransactionNotes::default();
+        for i in 0..10_000 {
+            notes.push(|| format!("m{i}"));
+        }
+        assert_eq!(notes.kept.len(), TransactionNotes::KEEP);
+        assert_eq!(notes.omitted, 10_000 - TransactionNotes::KEEP as u64);
+        let line = notes.to_string();
+        assert!(line.starts_with("m0 | m1 | "), "{line}");
+        assert!(line.ends_with(" | and 9984 more"), "{line}");
+    }
+}

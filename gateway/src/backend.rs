@@ -692,12 +692,7 @@ impl Backend {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         // Drop connections the backend has probably timed out already.
-        while pool
-            .front()
-            .is_some_and(|(_, since)| now.duration_since(*since) >= self.pool_config.idle_timeout)
-        {
-            pool.pop_front();
-        }
+        drop(self.pop_expired(&mut pool, now));
         if pool.len() >= self.pool_config.max_idle {
             pool.pop_front();
         }
@@ -705,22 +700,34 @@ impl Backend {
         self.observer.metrics.backend_pool_idle(pool.len());
     }
 
+    /// Takes the connections idle for `idle_timeout` or longer off the
+    /// front of the pool (the oldest are at the front).
+    fn pop_expired(
+        &self,
+        pool: &mut VecDeque<(Connection, Instant)>,
+        now: Instant,
+    ) -> Vec<Connection> {
+        let mut expired = Vec::new();
+        while pool
+            .front()
+            .is_some_and(|(_, since)| now.duration_since(*since) >= self.pool_config.idle_timeout)
+        {
+            expired.extend(pool.pop_front().map(|(conn, _)| conn));
+        }
+        expired
+    }
+
     /// Closes (with QUIT) the pooled connections idle for `idle_timeout`.
     /// `take_idle` and `release` skip such connections too, but only when
     /// traffic calls them: without this, a quiet gateway would keep its
     /// idle connections open for as long as the backend tolerates them.
     pub fn expire_idle(&self) {
-        let mut expired = Vec::new();
-        {
+        let expired = {
             let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            while pool.front().is_some_and(|(_, since)| {
-                now.duration_since(*since) >= self.pool_config.idle_timeout
-            }) {
-                expired.extend(pool.pop_front().map(|(conn, _)| conn));
-            }
+            let expired = self.pop_expired(&mut pool, Instant::now());
             self.observer.metrics.backend_pool_idle(pool.len());
-        }
+            expired
+        };
         for conn in expired {
             tokio::spawn(conn.quit());
         }

@@ -1,7 +1,6 @@
 //! The `relayguard` process under test.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -86,15 +85,7 @@ impl Gateway {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn relayguard");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
+        let logs = crate::tools::collect_lines(child.stderr.take().expect("piped stderr"));
         let mut gw = Gateway {
             child,
             dir,

@@ -11,7 +11,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -150,15 +149,7 @@ impl Haproxy {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap_or_else(|e| panic!("cannot run haproxy (Debian package haproxy): {e}"));
-            let logs = Arc::new(Mutex::new(Vec::new()));
-            let stderr = child.stderr.take().expect("piped stderr");
-            let sink = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines() {
-                    let Ok(line) = line else { break };
-                    sink.lock().unwrap().push(line);
-                }
-            });
+            let logs = crate::tools::collect_lines(child.stderr.take().expect("piped stderr"));
             let mut exited = false;
             let up = wait_until(TIMEOUT, || {
                 exited = matches!(child.try_wait(), Ok(Some(_)));

@@ -85,3 +85,20 @@ pub fn curl<S: AsRef<OsStr>>(args: &[S]) -> Output {
 pub fn nmap<S: AsRef<OsStr>>(args: &[S]) -> Output {
     run_tool("nmap", args)
 }
+
+/// Collects a child's output lines (its log) as they come, from a thread
+/// of their own, so that a test can read them while the child runs.
+pub fn collect_lines(
+    stream: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
+}

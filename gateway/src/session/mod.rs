@@ -1208,11 +1208,7 @@ impl<S: Transport> Session<S> {
             } else if fresh && backend_error.is_none() && data_refused.is_none() {
                 if awaiting_go_ahead {
                     awaiting_go_ahead = false;
-                    match conn.data_confirm().await {
-                        Ok(r) if r.code == 354 => {}
-                        Ok(r) => data_refused = Some(r),
-                        Err(e) => backend_error = Some(e),
-                    }
+                    go_ahead(&mut conn, &mut data_refused, &mut backend_error).await;
                 }
                 if backend_error.is_none() && data_refused.is_none() {
                     backend_error = conn.body(&out).await.err();
@@ -1261,11 +1257,7 @@ impl<S: Transport> Session<S> {
         });
         let clean = spoofed.is_none() && receiver.violation().is_none();
         if awaiting_go_ahead && clean && backend_error.is_none() {
-            match conn.data_confirm().await {
-                Ok(r) if r.code == 354 => {}
-                Ok(r) => data_refused = Some(r),
-                Err(e) => backend_error = Some(e),
-            }
+            go_ahead(&mut conn, &mut data_refused, &mut backend_error).await;
         }
         let (reply, outcome) = if let Some((addr, denied)) = spoofed {
             // The body went to the backend already; closing without the
@@ -1355,6 +1347,21 @@ impl<S: Transport> Session<S> {
         tx.backend = None;
         self.reply(reply);
         Ok(())
+    }
+}
+
+/// Reads the backend's answer to the DATA sent without waiting: a 354
+/// lets the body go out; anything else is kept as the message's refusal,
+/// a failure as its backend error.
+async fn go_ahead(
+    conn: &mut Connection,
+    refused: &mut Option<Reply>,
+    failed: &mut Option<BackendError>,
+) {
+    match conn.data_confirm().await {
+        Ok(r) if r.code == 354 => {}
+        Ok(r) => *refused = Some(r),
+        Err(e) => *failed = Some(e),
     }
 }
 

@@ -12,6 +12,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -321,6 +322,22 @@ impl Connection {
         r
     }
 
+    /// Moves a plain connection's socket to the calling thread's event
+    /// loop (another shard's pool held it). The SMTP state is untouched.
+    fn rehome(mut self) -> std::io::Result<Connection> {
+        match std::mem::replace(&mut self.stream, Stream::Closed) {
+            Stream::Plain(tcp) => {
+                let tcp = TcpStream::from_std(tcp.into_std()?)?;
+                self.stream = Stream::Plain(tcp);
+                Ok(self)
+            }
+            other => {
+                self.stream = other;
+                Err(std::io::Error::other("only a plain connection can move"))
+            }
+        }
+    }
+
     pub fn capabilities(&self) -> &Capabilities {
         &self.caps
     }
@@ -604,7 +621,13 @@ pub struct Backend {
     tls: Option<(TlsConnector, Option<String>)>,
     timeouts: BackendTimeouts,
     pool_config: PoolConfig,
-    pool: Mutex<VecDeque<(Connection, Instant)>>,
+    /// One pool per shard: a socket belongs to the event loop of the shard
+    /// that opened it (see [`crate::shards`]).
+    pools: Vec<Mutex<VecDeque<(Connection, Instant)>>>,
+    /// `pool.max_idle` shared out between the shards.
+    per_shard_max: usize,
+    /// Connections in all pools (the idle gauge).
+    pooled: AtomicUsize,
     observer: Arc<Observer>,
 }
 
@@ -621,7 +644,9 @@ impl Backend {
         config: &BackendConfig,
         helo: &str,
         metrics: Arc<Metrics>,
+        shards: usize,
     ) -> Result<Arc<Backend>, crate::tls::TlsError> {
+        let shards = shards.max(1);
         let tls = match config.tls {
             BackendTls::None => None,
             _ => Some((
@@ -638,7 +663,9 @@ impl Backend {
             tls,
             timeouts: config.timeouts.clone(),
             pool_config: config.pool.clone(),
-            pool: Mutex::new(VecDeque::new()),
+            pools: (0..shards).map(|_| Mutex::new(VecDeque::new())).collect(),
+            per_shard_max: config.pool.max_idle.div_ceil(shards),
+            pooled: AtomicUsize::new(0),
             observer: Arc::new(Observer {
                 labels: config
                     .servers
@@ -663,17 +690,71 @@ impl Backend {
         self.connect_any().await
     }
 
+    /// A warm connection: from this shard's pool, else one moved here
+    /// from another shard's (its socket re-registered with this shard's
+    /// event loop), so that a shard never connects while another holds
+    /// idle connections.
     pub fn take_idle(&self) -> Option<Connection> {
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let mut found = None;
-        while let Some((conn, since)) = pool.pop_back() {
-            if since.elapsed() < self.pool_config.idle_timeout {
-                found = Some(conn);
-                break;
+        let here = self.shard();
+        if let Some(conn) = self.with_pool(here, |pool| self.pop_fresh(pool, false)) {
+            return Some(conn);
+        }
+        for other in (0..self.pools.len()).filter(|&i| i != here) {
+            while let Some(conn) = self.with_pool(other, |pool| self.pop_fresh(pool, true)) {
+                match conn.rehome() {
+                    Ok(conn) => return Some(conn),
+                    Err(e) => tracing::debug!(error = %e, "pooled backend connection not moved"),
+                }
             }
         }
-        self.observer.metrics.backend_pool_idle(pool.len());
-        found
+        None
+    }
+
+    /// The newest connection not idle for `idle_timeout` yet (older ones
+    /// are dropped). `movable`: only a plain one (a TLS stream cannot be
+    /// taken apart to move its socket, so it stays for its own shard).
+    fn pop_fresh(
+        &self,
+        pool: &mut VecDeque<(Connection, Instant)>,
+        movable: bool,
+    ) -> Option<Connection> {
+        while let Some((conn, since)) = pool.pop_back() {
+            if since.elapsed() >= self.pool_config.idle_timeout {
+                continue;
+            }
+            if movable && !matches!(conn.stream, Stream::Plain(_)) {
+                pool.push_back((conn, since));
+                return None;
+            }
+            return Some(conn);
+        }
+        None
+    }
+
+    /// The pool of the calling thread's shard (see [`crate::shards`]).
+    fn shard(&self) -> usize {
+        crate::shards::current() % self.pools.len()
+    }
+
+    /// Runs `f` on pool `index` and keeps the idle gauge (the sum over
+    /// all pools) in step.
+    fn with_pool<R>(
+        &self,
+        index: usize,
+        f: impl FnOnce(&mut VecDeque<(Connection, Instant)>) -> R,
+    ) -> R {
+        let mut pool = self.pools[index].lock().unwrap_or_else(|p| p.into_inner());
+        let before = pool.len();
+        let r = f(&mut pool);
+        let after = pool.len();
+        let total = if after >= before {
+            self.pooled.fetch_add(after - before, Ordering::Relaxed) + (after - before)
+        } else {
+            self.pooled.fetch_sub(before - after, Ordering::Relaxed) - (before - after)
+        };
+        drop(pool);
+        self.observer.metrics.backend_pool_idle(total);
+        r
     }
 
     /// Returns a connection for reuse by any client. It is marked so that
@@ -689,15 +770,17 @@ impl Backend {
             return;
         }
         conn.clean = false;
-        let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
-        // Drop connections the backend has probably timed out already.
-        drop(self.pop_expired(&mut pool, now));
-        if pool.len() >= self.pool_config.max_idle {
-            pool.pop_front();
-        }
-        pool.push_back((conn, now));
-        self.observer.metrics.backend_pool_idle(pool.len());
+        let (expired, oldest) = self.with_pool(self.shard(), |pool| {
+            // Drop connections the backend has probably timed out already.
+            let expired = self.pop_expired(pool, now);
+            let oldest = (pool.len() >= self.per_shard_max)
+                .then(|| pool.pop_front())
+                .flatten();
+            pool.push_back((conn, now));
+            (expired, oldest)
+        });
+        drop((expired, oldest));
     }
 
     /// Takes the connections idle for `idle_timeout` or longer off the
@@ -717,17 +800,13 @@ impl Backend {
         expired
     }
 
-    /// Closes (with QUIT) the pooled connections idle for `idle_timeout`.
-    /// `take_idle` and `release` skip such connections too, but only when
-    /// traffic calls them: without this, a quiet gateway would keep its
-    /// idle connections open for as long as the backend tolerates them.
+    /// Closes (with QUIT) the pooled connections of the calling shard idle
+    /// for `idle_timeout`. `take_idle` and `release` skip such connections
+    /// too, but only when traffic calls them: without this, a quiet gateway
+    /// would keep its idle connections open for as long as the backend
+    /// tolerates them.
     pub fn expire_idle(&self) {
-        let expired = {
-            let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-            let expired = self.pop_expired(&mut pool, Instant::now());
-            self.observer.metrics.backend_pool_idle(pool.len());
-            expired
-        };
+        let expired = self.with_pool(self.shard(), |pool| self.pop_expired(pool, Instant::now()));
         for conn in expired {
             tokio::spawn(conn.quit());
         }

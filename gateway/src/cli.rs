@@ -109,7 +109,9 @@ fn init_logging(format: LogFormat) {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // Client connections are served by the shards' own runtimes (see
+    // `shards`); this one runs start-up, signals, reloads and HTTP.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -41,6 +41,9 @@ pub enum ConfigError {
     },
 }
 
+/// More threads than this is a typo, not a machine.
+const MAX_THREADS: usize = 1024;
+
 /// Top-level configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +81,10 @@ pub struct Config {
     /// The audit log (default: JSON lines on stdout).
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
+    /// Threads serving client connections, each with its own event loop
+    /// (see [`crate::shards`]); default one per CPU the process may use.
+    #[serde(default)]
+    pub threads: Option<usize>,
 }
 
 fn default_hostname() -> String {
@@ -528,6 +535,15 @@ impl Config {
         if let Err((field, message)) = self.audit.validate() {
             return Err(err(field.into(), "audit", message));
         }
+        if let Some(n) = self.threads {
+            if !(1..=MAX_THREADS).contains(&n) {
+                return Err(err(
+                    "threads".into(),
+                    "threads",
+                    format!("must be between 1 and {MAX_THREADS} (leave it out for one per CPU)"),
+                ));
+            }
+        }
         let mut names = HashSet::new();
         let mut addrs = HashSet::new();
         for (i, l) in self.listeners.iter().enumerate() {
@@ -701,6 +717,11 @@ impl Config {
         Ok(())
     }
 
+    /// How many shards serve connections (`threads`, else one per CPU).
+    pub fn shard_count(&self) -> usize {
+        self.threads.unwrap_or_else(crate::shards::default_count)
+    }
+
     pub fn helo_name(&self) -> &str {
         self.backend.helo_name.as_deref().unwrap_or(&self.hostname)
     }
@@ -745,6 +766,20 @@ mod tests {
         assert_eq!(c.listeners[0].tls, TlsMode::None);
         assert_eq!(c.limits.max_recipients, 100);
         assert_eq!(c.backend.servers[0].to_string(), "127.0.0.1:25");
+    }
+
+    #[test]
+    fn threads_default_to_one_per_cpu_and_zero_is_refused_with_its_line() {
+        let c = Config::from_yaml(MINIMAL, "t.yaml").unwrap();
+        assert_eq!(c.shard_count(), crate::shards::default_count());
+        let c = Config::from_yaml(&format!("threads: 3\n{MINIMAL}"), "t.yaml").unwrap();
+        assert_eq!(c.shard_count(), 3);
+        let e = Config::from_yaml(&format!("{MINIMAL}threads: 0\n"), "t.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("t.yaml:8:"), "{e}");
+        assert!(e.contains("threads"), "{e}");
+        assert!(e.contains("between 1 and 1024"), "{e}");
     }
 
     #[test]

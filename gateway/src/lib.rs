@@ -20,5 +20,6 @@ pub mod proxy_protocol;
 pub mod reload;
 pub mod server;
 pub mod session;
+pub mod shards;
 pub mod smtp;
 pub mod tls;

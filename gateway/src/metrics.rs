@@ -1059,7 +1059,7 @@ mod backend_tests {
             list.join(", ")
         );
         let config: crate::config::BackendConfig = serde_norway::from_str(&yaml).unwrap();
-        Backend::new(&config, "relay.test", metrics).unwrap()
+        Backend::new(&config, "relay.test", metrics, 1).unwrap()
     }
 
     fn value(m: &Metrics, series: &str) -> f64 {
@@ -1101,7 +1101,7 @@ mod backend_tests {
         let m = Arc::new(Metrics::new());
         let yaml = format!("servers: [\"{ok}\"]\npool:\n  idle_timeout: 1s\n");
         let config: crate::config::BackendConfig = serde_norway::from_str(&yaml).unwrap();
-        let b = Backend::new(&config, "relay.test", m.clone()).unwrap();
+        let b = Backend::new(&config, "relay.test", m.clone(), 1).unwrap();
         let mut conn = to_data(&b).await;
         assert!(conn.finish(&mut Vec::new()).await.unwrap().is_positive());
         b.release(conn);

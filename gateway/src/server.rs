@@ -28,6 +28,7 @@ use crate::config::{Config, TlsMode};
 use crate::idle::{Idle, Woke};
 use crate::metrics::{ActiveConnection, ConnectionRefusal, Metrics, TlsFailure};
 use crate::session::{replies, Conversation, Outcome, Session};
+use crate::shards::Shards;
 use crate::tls::{CertStore, TlsInfo};
 use policy::relay::{Policy, RateLimiter};
 
@@ -88,6 +89,8 @@ pub enum StartError {
     Policy(String),
     #[error("audit log: {0}")]
     Audit(std::io::Error),
+    #[error("cannot start the connection threads: {0}")]
+    Threads(std::io::Error),
 }
 
 /// Caps on concurrent connections, in total and per client address.
@@ -170,7 +173,9 @@ impl ConnectionLimits {
 /// A started gateway: bound listeners, ready to serve.
 pub struct Server {
     pub shared: Arc<Shared>,
-    listeners: Vec<(Arc<ListenerInfo>, TcpListener)>,
+    /// Each listener's socket, one descriptor per shard.
+    listeners: Vec<(Arc<ListenerInfo>, Vec<std::net::TcpListener>)>,
+    shards: Shards,
     tracker: TaskTracker,
 }
 
@@ -184,8 +189,14 @@ impl Server {
         metrics.set_connection_limit(config.limits.max_connections);
         let audit = crate::audit::AuditLog::open(&config.audit, metrics.clone())
             .map_err(StartError::Audit)?;
-        let backend = Backend::new(&config.backend, config.helo_name(), metrics.clone())
-            .map_err(StartError::BackendTls)?;
+        let shards = Shards::start(config.shard_count()).map_err(StartError::Threads)?;
+        let backend = Backend::new(
+            &config.backend,
+            config.helo_name(),
+            metrics.clone(),
+            shards.len(),
+        )
+        .map_err(StartError::BackendTls)?;
         let auth = match &config.auth {
             Some(a) => {
                 let auth = crate::auth::Authenticator::new(a)?;
@@ -221,13 +232,12 @@ impl Server {
                 _ => (None, None),
             };
             metrics.init_listener(&l.name, acceptor.is_some());
-            let tcp = bind_listener(l.address, config.limits.listen_backlog).map_err(|source| {
-                StartError::Bind {
+            let tcp = bind_listener(l.address, config.limits.listen_backlog, shards.len())
+                .map_err(|source| StartError::Bind {
                     name: l.name.clone(),
                     addr: l.address,
                     source,
-                }
-            })?;
+                })?;
             listeners.push((
                 Arc::new(ListenerInfo {
                     name: l.name.clone(),
@@ -270,6 +280,7 @@ impl Server {
         Ok(Server {
             shared,
             listeners,
+            shards,
             tracker: TaskTracker::new(),
         })
     }
@@ -278,7 +289,7 @@ impl Server {
     pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
         self.listeners
             .iter()
-            .filter_map(|(info, l)| Some((info.name.clone(), l.local_addr().ok()?)))
+            .filter_map(|(info, l)| Some((info.name.clone(), l.first()?.local_addr().ok()?)))
             .collect()
     }
 
@@ -289,14 +300,29 @@ impl Server {
         let Server {
             shared,
             listeners,
+            shards,
             tracker,
         } = self;
-        for (info, listener) in listeners {
-            let shared = shared.clone();
-            let tracker2 = tracker.clone();
-            tracker.spawn(accept_loop(shared, info, listener, tracker2));
+        for (info, sockets) in listeners {
+            for (shard, socket) in shards.handles().iter().zip(sockets) {
+                let (shared, info, tracker2) = (shared.clone(), info.clone(), tracker.clone());
+                tracker.spawn_on(
+                    async move {
+                        // Registered with the event loop of the shard it runs on.
+                        match TcpListener::from_std(socket) {
+                            Ok(listener) => accept_loop(shared, info, listener, tracker2).await,
+                            Err(e) => {
+                                tracing::error!(listener = %info.name, error = %e, "cannot listen")
+                            }
+                        }
+                    },
+                    shard,
+                );
+            }
         }
-        tokio::spawn(shared.backend.clone().sweep_pool(shared.shutdown.clone()));
+        for shard in shards.handles() {
+            shard.spawn(shared.backend.clone().sweep_pool(shared.shutdown.clone()));
+        }
         shared.metrics.set_accepting(true);
         shared.shutdown.cancelled().await;
         shared.metrics.set_accepting(false);
@@ -680,7 +706,13 @@ async fn hang_up(
 /// Binds with an explicit accept backlog. A burst of connections beyond the
 /// backlog is not refused but silently lost: with SYN cookies the client
 /// believes it is connected and waits for a greeting that never comes.
-fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+/// Binds a listening socket and returns one descriptor of it per shard
+/// (duplicates of one socket: every shard accepts from the same queue).
+fn bind_listener(
+    addr: SocketAddr,
+    backlog: u32,
+    shards: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -688,7 +720,13 @@ fn bind_listener(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener>
     };
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
-    socket.listen(backlog)
+    let first = socket.listen(backlog)?.into_std()?;
+    let mut all = Vec::with_capacity(shards);
+    for _ in 1..shards {
+        all.push(first.try_clone()?);
+    }
+    all.push(first);
+    Ok(all)
 }
 
 /// The end of a session: its summary line and its count.

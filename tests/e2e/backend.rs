@@ -340,3 +340,72 @@ fn eight_bit_mime_is_forwarded_to_a_backend_that_offers_it() {
     assert_eq!(msgs[0].mail_args, "<alice@client.test> BODY=8BITMIME");
     msgs[0].assert_relayed(body, HOST, "ESMTP");
 }
+
+#[test]
+fn connections_are_served_by_every_shard_and_share_one_warm_backend_connection() {
+    // `threads: 4`: four single-threaded event loops accept from the same
+    // socket (see gateway/src/shards.rs). Whichever shard a session lands
+    // on, the warm backend connection left by the previous session is
+    // used (moved between shards), never a second one.
+    let fake = FakeBackend::start(&[], DataBehaviour::Accept);
+    let gw = Gateway::start(&Config::new(&[fake.addr()]).set("threads", "4").yaml());
+    let shard_threads = std::fs::read_dir(format!("/proc/{}/task", gw.pid()))
+        .unwrap()
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with("relayguard-shar"))
+        .count();
+    assert_eq!(shard_threads, 4);
+    for i in 0..24 {
+        let closed = gw.log_events("session closed").len();
+        let mut c = Client::greeted(gw.addr("smtp"));
+        c.mail(&format!("s{i}@client.test")).expect("250");
+        c.rcpt("x@example.test").expect("250");
+        c.data_body(&format!("Subject: {i}\r\n\r\n{i}\r\n"))
+            .expect("250");
+        c.send("QUIT").expect("221");
+        // The backend connection is back in the pool once the session is.
+        gw.wait_for_event("session closed", TIMEOUT, |_| {
+            gw.log_events("session closed").len() > closed
+        });
+    }
+    assert_eq!(fake.messages().len(), 24);
+    let conns: Vec<Vec<String>> = fake
+        .connections()
+        .into_iter()
+        .filter(|c| c.iter().any(|l| l.starts_with("MAIL")))
+        .collect();
+    assert_eq!(conns.len(), 1, "one backend connection for all: {conns:?}");
+    let mails = conns[0].iter().filter(|l| l.starts_with("MAIL")).count();
+    assert_eq!(mails, 24);
+    // And in parallel: 30 clients at once, every message delivered once.
+    let addr = gw.addr("smtp");
+    let clients: Vec<_> = (0..30)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Client::greeted(addr);
+                c.mail(&format!("p{i}@client.test")).expect("250");
+                c.rcpt("x@example.test").expect("250");
+                c.data_body(&format!("Subject: p{i}\r\n\r\np{i}\r\n"))
+                    .expect("250");
+                c.send("QUIT").expect("221");
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let msgs = fake.messages();
+    assert_eq!(msgs.len(), 54);
+    let mut subjects: Vec<String> = msgs
+        .iter()
+        .filter_map(|m| {
+            m.data
+                .lines()
+                .find(|l| l.starts_with("Subject: p"))
+                .map(str::to_string)
+        })
+        .collect();
+    subjects.sort();
+    subjects.dedup();
+    assert_eq!(subjects.len(), 30, "each parallel message once");
+}

@@ -706,27 +706,44 @@ async fn hang_up(
 /// Binds with an explicit accept backlog. A burst of connections beyond the
 /// backlog is not refused but silently lost: with SYN cookies the client
 /// believes it is connected and waits for a greeting that never comes.
-/// Binds a listening socket and returns one descriptor of it per shard
-/// (duplicates of one socket: every shard accepts from the same queue).
+/// Binds a listener: one socket per shard, in one `SO_REUSEPORT` group,
+/// so the kernel spreads new connections over the shards with no
+/// wake-up of the others. First a plain bind of the address, to fail
+/// as before when anything, another RelayGuard included, has the port:
+/// a reuse-port group would otherwise let a second instance of the same
+/// user join it and take half the connections without a word.
 fn bind_listener(
     addr: SocketAddr,
     backlog: u32,
     shards: usize,
 ) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
+    let socket = |reuse_port: bool| -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if reuse_port {
+            socket.set_reuseport(true)?;
+        }
+        Ok(socket)
     };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    let first = socket.listen(backlog)?.into_std()?;
-    let mut all = Vec::with_capacity(shards);
-    for _ in 1..shards {
-        all.push(first.try_clone()?);
+    let probe = socket(false)?;
+    probe.bind(addr)?;
+    if shards <= 1 {
+        return Ok(vec![probe.listen(backlog)?.into_std()?]);
     }
-    all.push(first);
-    Ok(all)
+    // Port 0: the port the kernel chose for the probe.
+    let addr = probe.local_addr()?;
+    drop(probe);
+    (0..shards)
+        .map(|_| {
+            let s = socket(true)?;
+            s.bind(addr)?;
+            s.listen(backlog)?.into_std()
+        })
+        .collect()
 }
 
 /// The end of a session: its summary line and its count.

@@ -1,6 +1,6 @@
 //! Thread per core: client connections are served by `threads`
-//! single-threaded runtimes ("shards"), each accepting on its own copy of
-//! every listening socket.
+//! single-threaded runtimes ("shards"), each accepting on a socket of its
+//! own for every listener.
 //!
 //! Why not tokio's multi-threaded scheduler: a session is one task that
 //! wakes many times per message (each command, the backend's replies), and
@@ -13,10 +13,11 @@
 //!
 //! A connection stays in the shard that accepted it, with its parker, its
 //! session and its backend connection. Which shard accepts is up to the
-//! kernel: every shard waits on the same listening socket (duplicated
-//! descriptors, not `SO_REUSEPORT`, so another process can still not bind
-//! the port), and the one that is free first takes the connection, so a
-//! busy shard takes fewer. Everything shared (limits, policy, metrics,
+//! kernel: each listener is a `SO_REUSEPORT` group of one socket per shard
+//! (see `server::bind_listener`, which first checks that the port is
+//! free). One shared socket watched by every shard was tried too: each new
+//! connection then woke every shard, and the first awake took a whole
+//! burst. Everything shared (limits, policy, metrics,
 //! audit log, the backend's pool) is `Sync` and shared as before; only
 //! sockets and timers belong to a shard. The HTTP endpoints, signals and
 //! reloads stay on the main runtime.

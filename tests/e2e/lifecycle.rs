@@ -293,3 +293,46 @@ fn greeting_delay_refuses_early_talkers_and_greets_the_patient() {
     let mut quiet = silent(smtp);
     quiet.expect("421 4.4.2");
 }
+
+#[test]
+fn a_second_instance_on_the_same_port_fails_to_start_and_takes_no_connection() {
+    // Each shard has its own socket in a SO_REUSEPORT group; the port is
+    // checked with a plain bind first, so a second gateway started by the
+    // same user on the same port cannot quietly join the group.
+    let (sink, gw) = gateway_with_sink(&[("threads", "2")]);
+    let addr = gw.addr("smtp");
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = config(sink.addr(), &[("threads", "2")]).replace("127.0.0.1:0", &addr.to_string());
+    let path = dir.path().join("second.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = std::process::Command::new(relayguard_e2e::relayguard_bin())
+        .args(["run", "--config"])
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run a second relayguard");
+    if !wait_until(TIMEOUT, || child.try_wait().unwrap().is_some()) {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("the second instance started on {addr}");
+    }
+    let second = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("listener `smtp`: cannot bind {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("in use"), "{stderr}");
+    // Every connection still reaches the first gateway.
+    for i in 0..10 {
+        let mut c = Client::greeted(addr);
+        c.mail(&format!("n{i}@client.test")).expect("250");
+        c.rcpt("x@example.test").expect("250");
+        c.data_body(BODY).expect("250");
+        c.send("QUIT").expect("221");
+    }
+    sink.wait_for_messages(10, TIMEOUT);
+}

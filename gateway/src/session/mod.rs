@@ -185,8 +185,9 @@ struct Transaction {
     /// The backend refused MAIL: every later RCPT gets this reply.
     mail_refused: Option<Reply>,
     refused: usize,
-    /// Filled as the transaction goes; recorded when it is decided.
-    audit: AuditRecord,
+    /// Filled as the transaction goes; recorded when it is decided. None
+    /// with `audit.sink: none` (nothing is built that nobody reads).
+    audit: Option<AuditRecord>,
 }
 
 impl Transaction {
@@ -201,7 +202,9 @@ impl Transaction {
         } else {
             AuditDecision::Abandoned
         };
-        shared.audit.record(self.audit.decision(decision));
+        if let Some(audit) = self.audit {
+            shared.audit.record(audit.decision(decision));
+        }
     }
 
     fn sender(&self) -> &str {
@@ -929,14 +932,17 @@ impl<S: Transport> Session<S> {
             }
         }
         self.junk = 0;
-        let mut audit =
-            AuditRecord::transaction(&self.conv.id, self.conv.peer, &self.conv.listener.name)
-                .tls(self.conv.tls.as_ref())
-                .helo(self.conv.helo.as_deref())
-                .mail_from(&raw);
-        if let Some(p) = &self.principal {
-            audit = audit.principal(&p.display(), p.mechanism.name());
-        }
+        let audit = self.conv.shared.audit.enabled().then(|| {
+            let audit =
+                AuditRecord::transaction(&self.conv.id, self.conv.peer, &self.conv.listener.name)
+                    .tls(self.conv.tls.as_ref())
+                    .helo(self.conv.helo.as_deref())
+                    .mail_from(&raw);
+            match &self.principal {
+                Some(p) => audit.principal(&p.display(), p.mechanism.name()),
+                None => audit,
+            }
+        });
         self.state = State::Transaction(Box::new(Transaction {
             from,
             params,
@@ -985,8 +991,9 @@ impl<S: Transport> Session<S> {
         );
         if let State::Transaction(tx) = &mut self.state {
             tx.charged = charged;
-            tx.audit
-                .add_recipient(&to.raw, decision.label(), decision.rule());
+            if let Some(audit) = tx.audit.as_mut() {
+                audit.add_recipient(&to.raw, decision.label(), decision.rule());
+            }
         }
         let wants_header_check = matches!(
             decision,
@@ -1123,21 +1130,24 @@ impl<S: Transport> Session<S> {
         outcome: &str,
     ) {
         let metrics = &self.conv.shared.metrics;
-        let placeholder = AuditRecord::transaction("", self.conv.peer, "");
-        let mut record = std::mem::replace(&mut tx.audit, placeholder).size(size);
-        record = if let Some(v) = violation {
+        let decision = if let Some(v) = violation {
             metrics.message_refused(v);
-            record
-                .decision(AuditDecision::Refused)
-                .reason(crate::metrics::violation_label(v))
+            AuditDecision::Refused
         } else if reply.is_positive() {
             metrics.message_forwarded(size, tx.accepted.len());
-            record.decision(AuditDecision::Delivered)
+            AuditDecision::Delivered
         } else if reply.is_transient() {
-            record.decision(AuditDecision::Deferred)
+            AuditDecision::Deferred
         } else {
-            record.decision(AuditDecision::Rejected)
+            AuditDecision::Rejected
         };
+        let Some(record) = tx.audit.take() else {
+            return;
+        };
+        let mut record = record.size(size).decision(decision);
+        if let Some(v) = violation {
+            record = record.reason(crate::metrics::violation_label(v));
+        }
         if let Some(backend) = outcome.strip_prefix("backend=") {
             record.backend_reply = Some(backend.to_string());
         } else {
@@ -1231,12 +1241,13 @@ impl<S: Transport> Session<S> {
                         why
                     )
                 });
-                let record = tx
-                    .audit
-                    .decision(AuditDecision::Aborted)
-                    .size(receiver.size())
-                    .reason(&format!("client_{why}"));
-                self.conv.shared.audit.record(record);
+                if let Some(record) = tx.audit.take() {
+                    let record = record
+                        .decision(AuditDecision::Aborted)
+                        .size(receiver.size())
+                        .reason(&format!("client_{why}"));
+                    self.conv.shared.audit.record(record);
+                }
                 return Err(why);
             }
             if self.conv.bytes_in - read_before >= chunk as u64 {

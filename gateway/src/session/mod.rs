@@ -1200,6 +1200,11 @@ impl<S: Transport> Session<S> {
             .then(crate::smtp::header_from::HeaderFromScanner::new);
         loop {
             let before = out.len();
+            // Room for all that was read and the final dot: the wire form
+            // is at most the input and a dot held back from the previous
+            // read, so neither the receiver nor `finish` grows (copies)
+            // the buffer.
+            out.reserve(self.rbuf.len() + 8);
             let (consumed, status) = receiver.ingest_stuffed(&self.rbuf, &mut out);
             self.rbuf.advance(consumed);
             if let Some(scan) = header_from.as_mut() {

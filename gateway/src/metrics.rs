@@ -221,7 +221,13 @@ pub struct Metrics {
     message_size: Histogram,
     messages_refused: IntCounterVec,
     backend_transactions: IntCounterVec,
+    /// `backend_transactions` by result, resolved once: counted for every
+    /// message, where a label lookup (hash and lock) is measurable.
+    backend_results: Vec<(BackendResult, prometheus::IntCounter)>,
     backend_stage_duration: HistogramVec,
+    /// `backend_stage_duration` by stage, resolved once (several per
+    /// message).
+    backend_stages: Vec<(&'static str, prometheus::Histogram)>,
     backend_up: IntGaugeVec,
     backend_pool_idle: IntGauge,
     reloads: IntCounterVec,
@@ -277,7 +283,7 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
-        let m = Metrics {
+        let mut m = Metrics {
             connections_accepted: counter_vec(
                 &r,
                 "relayguard_connections_accepted_total",
@@ -419,10 +425,13 @@ impl Metrics {
             ),
             accepting: AtomicBool::new(false),
             registry: r,
+            backend_results: Vec::new(),
+            backend_stages: Vec::new(),
         };
-        for result in BackendResult::ALL {
-            m.backend_transactions.with_label_values(&[result.label()]);
-        }
+        m.backend_results = BackendResult::ALL
+            .into_iter()
+            .map(|r| (r, m.backend_transactions.with_label_values(&[r.label()])))
+            .collect();
         for kind in ReloadKind::ALL {
             for result in ["success", "failure"] {
                 m.reloads.with_label_values(&[kind.label(), result]);
@@ -447,9 +456,10 @@ impl Metrics {
         for stage in ["mail", "rcpt"] {
             m.rate_limited.with_label_values(&[stage, "global"]);
         }
-        for stage in BACKEND_STAGES {
-            m.backend_stage_duration.with_label_values(&[stage]);
-        }
+        m.backend_stages = BACKEND_STAGES
+            .into_iter()
+            .map(|stage| (stage, m.backend_stage_duration.with_label_values(&[stage])))
+            .collect();
         m
     }
 
@@ -642,17 +652,26 @@ impl Metrics {
     // ---- backend ----
 
     pub fn backend_transaction(&self, result: BackendResult) {
-        self.backend_transactions
-            .with_label_values(&[result.label()])
-            .inc();
+        match self.backend_results.iter().find(|(r, _)| *r == result) {
+            Some((_, counter)) => counter.inc(),
+            None => self
+                .backend_transactions
+                .with_label_values(&[result.label()])
+                .inc(),
+        }
     }
 
     /// Latency of one backend stage (`Stage::label()`: connect, greeting,
     /// ehlo, starttls, rset, mail, rcpt, data, data_done).
     pub fn backend_stage_latency(&self, stage: &'static str, elapsed: Duration) {
-        self.backend_stage_duration
-            .with_label_values(&[stage])
-            .observe(elapsed.as_secs_f64());
+        let seconds = elapsed.as_secs_f64();
+        match self.backend_stages.iter().find(|(s, _)| *s == stage) {
+            Some((_, histogram)) => histogram.observe(seconds),
+            None => self
+                .backend_stage_duration
+                .with_label_values(&[stage])
+                .observe(seconds),
+        }
     }
 
     /// `server` is a configured backend address (`host:port`).

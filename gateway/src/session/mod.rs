@@ -454,19 +454,19 @@ impl<S: Transport> Session<S> {
             ),
             Reading::Data(chunk) => (chunk, self.shared().config.limits.data_timeout),
         };
-        let shutdown = self.conv.shared.shutdown.clone();
         let idle = !self.in_transaction() && reading == Reading::Command;
+        // Borrowed, not cloned: a token's clone and drop take its lock.
+        let shutdown = &self.conv.shared.shutdown;
         // Message data: each block within `data_timeout` (RFC 5321
         // §4.5.3.2). Commands: the whole line within `command_timeout`.
+        let now = tokio::time::Instant::now();
         let deadline = if let Reading::Data(_) = reading {
-            tokio::time::Instant::now() + timeout
+            now + timeout
         } else {
             if self.rbuf.is_empty() && !self.lines.is_discarding() {
                 self.line_deadline = None;
             }
-            *self
-                .line_deadline
-                .get_or_insert_with(|| tokio::time::Instant::now() + timeout)
+            *self.line_deadline.get_or_insert(now + timeout)
         };
         if self.rbuf.is_empty() {
             // A busy client's next command follows our reply within
@@ -476,7 +476,7 @@ impl<S: Transport> Session<S> {
             let io = &self.io;
             let readable = io.wait_readable();
             tokio::pin!(readable);
-            let keep_until = (tokio::time::Instant::now() + KEEP_BUFFERS).min(deadline);
+            let keep_until = (now + KEEP_BUFFERS).min(deadline);
             let sleep = tokio::time::sleep_until(keep_until);
             tokio::pin!(sleep);
             let mut released = false;

@@ -57,11 +57,7 @@ fn backend_refusing_data_is_reported_after_the_clients_message() {
     // The backend connection stayed in step: the second transaction went
     // over the same connection, after an RSET, and no body was ever sent.
     // (Connections without MAIL are the readiness probe's.)
-    let conns: Vec<Vec<String>> = fake
-        .connections()
-        .into_iter()
-        .filter(|c| c.iter().any(|l| l.starts_with("MAIL")))
-        .collect();
+    let conns = transaction_connections(&fake);
     assert_eq!(conns.len(), 1, "{conns:?}");
     let verbs: Vec<&str> = conns[0]
         .iter()
@@ -369,11 +365,7 @@ fn connections_are_served_by_every_shard_and_share_one_warm_backend_connection()
         });
     }
     assert_eq!(fake.messages().len(), 24);
-    let conns: Vec<Vec<String>> = fake
-        .connections()
-        .into_iter()
-        .filter(|c| c.iter().any(|l| l.starts_with("MAIL")))
-        .collect();
+    let conns = transaction_connections(&fake);
     assert_eq!(conns.len(), 1, "one backend connection for all: {conns:?}");
     let mails = conns[0].iter().filter(|l| l.starts_with("MAIL")).count();
     assert_eq!(mails, 24);
@@ -408,4 +400,13 @@ fn connections_are_served_by_every_shard_and_share_one_warm_backend_connection()
     subjects.sort();
     subjects.dedup();
     assert_eq!(subjects.len(), 30, "each parallel message once");
+}
+
+/// The backend connections that carried a transaction (the readiness
+/// probe's carry none), each as the commands the fake backend saw.
+fn transaction_connections(fake: &FakeBackend) -> Vec<Vec<String>> {
+    fake.connections()
+        .into_iter()
+        .filter(|c| c.iter().any(|l| l.starts_with("MAIL")))
+        .collect()
 }

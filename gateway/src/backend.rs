@@ -617,6 +617,9 @@ impl Connection {
     }
 }
 
+/// The largest message buffer a pooled connection keeps (see `release`).
+const POOLED_BUFFER: usize = 64 * 1024;
+
 /// The backend MTAs, in order of preference, and a pool of warm connections.
 pub struct Backend {
     servers: Vec<BackendAddr>,
@@ -774,6 +777,12 @@ impl Backend {
             return;
         }
         conn.clean = false;
+        // A session streaming large messages keeps a large buffer while it
+        // keeps the connection; the pool keeps at most a small one, so
+        // idle connections do not hold 256 KB each.
+        if conn.message_buffer.capacity() > POOLED_BUFFER {
+            conn.free_buffer();
+        }
         let now = Instant::now();
         let (expired, oldest) = self.with_pool(self.shard(), |pool| {
             // Drop connections the backend has probably timed out already.

@@ -1115,6 +1115,29 @@ mod backend_tests {
     }
 
     #[tokio::test]
+    async fn a_session_keeps_its_large_buffer_but_the_pool_keeps_a_small_one() {
+        let ok = backend(AfterData::Reply("250 queued")).await;
+        let b = client(&[ok], Arc::new(Metrics::new()));
+        let mut conn = to_data(&b).await;
+        let mut tail = conn.take_buffer();
+        tail.reserve(200 * 1024);
+        assert!(conn.finish(&mut tail).await.unwrap().is_positive());
+        // Between the messages of one session: kept (up to 256 KB).
+        conn.return_buffer(tail);
+        assert!(conn.take_buffer().capacity() >= 200 * 1024);
+        let mut big = Vec::with_capacity(200 * 1024);
+        big.push(b'x');
+        conn.return_buffer(big);
+        // Back in the pool: given back.
+        b.release(conn);
+        let mut conn = b.take_idle().expect("pooled");
+        assert_eq!(conn.take_buffer().capacity(), 0);
+        // Too large even for a session: not kept.
+        conn.return_buffer(Vec::with_capacity(300 * 1024));
+        assert_eq!(conn.take_buffer().capacity(), 0);
+    }
+
+    #[tokio::test]
     async fn idle_pool_connections_expire_without_traffic() {
         let ok = backend(AfterData::Reply("250 queued")).await;
         let m = Arc::new(Metrics::new());

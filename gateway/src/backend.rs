@@ -514,6 +514,12 @@ impl Connection {
         self.tx_check(r)
     }
 
+    /// DATA went out with [`Connection::data_start`] and its reply is still
+    /// to be read with [`Connection::data_confirm`].
+    pub fn awaiting_data_reply(&self) -> bool {
+        self.data_sent.is_some()
+    }
+
     /// The backend's reply to the DATA sent by [`Connection::data_start`].
     pub async fn data_confirm(&mut self) -> Result<Reply, BackendError> {
         let limit = self.timeouts.data_init;

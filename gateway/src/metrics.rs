@@ -127,6 +127,7 @@ pub enum BackendResult {
 }
 
 impl BackendResult {
+    /// In declaration order: `ALL[r as usize] == r` (a test checks it).
     pub const ALL: [BackendResult; 6] = [
         BackendResult::Delivered,
         BackendResult::Deferred,
@@ -221,9 +222,10 @@ pub struct Metrics {
     message_size: Histogram,
     messages_refused: IntCounterVec,
     backend_transactions: IntCounterVec,
-    /// `backend_transactions` by result, resolved once: counted for every
-    /// message, where a label lookup (hash and lock) is measurable.
-    backend_results: Vec<(BackendResult, prometheus::IntCounter)>,
+    /// `backend_transactions` by result (indexed by `BackendResult as
+    /// usize`), resolved once: counted for every message, where a label
+    /// lookup (hash and lock) is measurable.
+    backend_results: Vec<prometheus::IntCounter>,
     backend_stage_duration: HistogramVec,
     /// `backend_stage_duration` by stage, resolved once (several per
     /// message).
@@ -430,7 +432,7 @@ impl Metrics {
         };
         m.backend_results = BackendResult::ALL
             .into_iter()
-            .map(|r| (r, m.backend_transactions.with_label_values(&[r.label()])))
+            .map(|r| m.backend_transactions.with_label_values(&[r.label()]))
             .collect();
         for kind in ReloadKind::ALL {
             for result in ["success", "failure"] {
@@ -652,13 +654,7 @@ impl Metrics {
     // ---- backend ----
 
     pub fn backend_transaction(&self, result: BackendResult) {
-        match self.backend_results.iter().find(|(r, _)| *r == result) {
-            Some((_, counter)) => counter.inc(),
-            None => self
-                .backend_transactions
-                .with_label_values(&[result.label()])
-                .inc(),
-        }
+        self.backend_results[result as usize].inc();
     }
 
     /// Latency of one backend stage (`Stage::label()`: connect, greeting,
@@ -713,6 +709,13 @@ impl Drop for ActiveConnection {
 mod tests {
     use super::*;
     use std::collections::BTreeMap;
+
+    #[test]
+    fn backend_results_are_listed_in_declaration_order() {
+        for (i, r) in BackendResult::ALL.into_iter().enumerate() {
+            assert_eq!(r as usize, i, "{r:?}");
+        }
+    }
 
     /// `(name, type)` of every family in the text output.
     fn families(text: &str) -> BTreeMap<String, String> {

@@ -595,9 +595,7 @@ async fn greet_from(
     from: usize,
 ) {
     if tcp.write_all(&shared.greeting[from..]).await.is_err() {
-        let mut conv = Conversation::new(session_id(), peer, info, shared);
-        conv.end = "client_gone";
-        closed(&conv);
+        closed_before_session(shared, info, peer, 0, "client_gone");
         return;
     }
     // A client that stays silent waits in the parker, not in a task: it
@@ -650,10 +648,8 @@ fn unparked(
         }
         Woke::Closed => {
             // As a session that reads end-of-file first would end.
-            let mut conv = Conversation::new(session_id(), peer, info, shared.clone());
-            conv.bytes_out += shared.greeting.len() as u64;
-            conv.end = "client_gone";
-            closed(&conv);
+            let greeting = shared.greeting.len() as u64;
+            closed_before_session(shared, info, peer, greeting, "client_gone");
             return;
         }
         Woke::TimedOut => (replies::timeout(host), "timeout"),
@@ -696,22 +692,35 @@ async fn hang_up(
     let mut out = Vec::new();
     reply.write_to(&mut out);
     let _ = tokio::time::timeout(Duration::from_secs(5), tcp.write_all(&out)).await;
-    let mut conv = Conversation::new(session_id(), peer, info, shared.clone());
-    conv.bytes_out += (shared.greeting.len() + out.len()) as u64;
-    conv.end = end;
-    closed(&conv);
+    let sent = (shared.greeting.len() + out.len()) as u64;
+    closed_before_session(shared, info, peer, sent, end);
     drop(held);
 }
 
-/// Binds with an explicit accept backlog. A burst of connections beyond the
-/// backlog is not refused but silently lost: with SYN cookies the client
-/// believes it is connected and waits for a greeting that never comes.
+/// Counts a connection that ended before its client said anything, so
+/// before any session: `bytes_out` is what it was sent.
+fn closed_before_session(
+    shared: Arc<Shared>,
+    info: Arc<ListenerInfo>,
+    peer: SocketAddr,
+    bytes_out: u64,
+    end: &'static str,
+) {
+    let mut conv = Conversation::new(session_id(), peer, info, shared);
+    conv.bytes_out += bytes_out;
+    conv.end = end;
+    closed(&conv);
+}
+
 /// Binds a listener: one socket per shard, in one `SO_REUSEPORT` group,
 /// so the kernel spreads new connections over the shards with no
 /// wake-up of the others. First a plain bind of the address, to fail
 /// as before when anything, another RelayGuard included, has the port:
 /// a reuse-port group would otherwise let a second instance of the same
-/// user join it and take half the connections without a word.
+/// user join it and take half the connections without a word. Each socket
+/// has an explicit accept backlog: a burst of connections beyond it is not
+/// refused but silently lost (with SYN cookies the client believes it is
+/// connected and waits for a greeting that never comes).
 fn bind_listener(
     addr: SocketAddr,
     backlog: u32,

@@ -1,7 +1,7 @@
 //! The backend misbehaves, is down, or is old: the client must get an
 //! honest answer (4xx when in doubt) and nothing may be half-delivered.
 
-use relayguard_e2e::prometheus::{http_get, metrics_addr, sample_value};
+use relayguard_e2e::prometheus::{metrics_addr, scrape_value};
 use relayguard_e2e::{
     closed_port, wait_until, Client, Config, DataBehaviour, FakeBackend, Gateway, Sink, TIMEOUT,
 };
@@ -106,10 +106,7 @@ fn idle_backend_connections_close_after_idle_timeout_without_traffic() {
         ("metrics.address", "127.0.0.1:0"),
     ]);
     let metrics = metrics_addr(&gw);
-    let idle = || {
-        let text = http_get(metrics, "/metrics").body;
-        sample_value(&text, "relayguard_backend_pool_idle_connections", &[])
-    };
+    let idle = || scrape_value(metrics, "relayguard_backend_pool_idle_connections", &[]);
     let mut c = Client::greeted(gw.addr("smtp"));
     c.mail("alice@client.test").expect("250");
     c.rcpt("x@example.test").expect("250");

@@ -4,7 +4,7 @@
 use std::net::TcpStream;
 use std::time::Duration;
 
-use relayguard_e2e::prometheus::{http_get, metrics_addr, sample_value};
+use relayguard_e2e::prometheus::{metrics_addr, scrape_value};
 use relayguard_e2e::{closed_port, config, dot_stuff, wait_until, Client, Gateway, TIMEOUT};
 
 use crate::{gateway_with_sink, BODY, HOST};
@@ -216,9 +216,8 @@ fn silent_clients_that_hang_up_give_their_places_back() {
     let smtp = gw.addr("smtp");
     let metrics = metrics_addr(&gw);
     let active = || {
-        let text = http_get(metrics, "/metrics").body;
-        sample_value(
-            &text,
+        scrape_value(
+            metrics,
             "relayguard_connections_active",
             &[("listener", "smtp")],
         )

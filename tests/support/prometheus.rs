@@ -164,6 +164,12 @@ pub fn sample_names(text: &str) -> BTreeSet<String> {
     parse_exposition(text).into_iter().map(|s| s.name).collect()
 }
 
+/// Scrapes the gateway's `/metrics` at `addr` now and returns the value of
+/// the sample named `name` with (at least) `labels`.
+pub fn scrape_value(addr: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    sample_value(&http_get(addr, "/metrics").body, name, labels)
+}
+
 /// The value of the one sample named `name` with (at least) `labels`.
 pub fn sample_value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     parse_exposition(text)

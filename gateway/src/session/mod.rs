@@ -1187,8 +1187,7 @@ impl<S: Transport> Session<S> {
         // backend connection one write.
         let mut backend_error: Option<BackendError> = None;
         // DATA was sent without waiting (see `data`): its reply is read
-        // before the first write of the body.
-        let mut awaiting_go_ahead = true;
+        // before the first write of the body (`go_ahead`).
         let mut chunk = DATA_READ_CHUNK;
         let mut data_refused: Option<Reply> = None;
         let mut out = conn.take_buffer();
@@ -1216,21 +1215,19 @@ impl<S: Transport> Session<S> {
             // Nothing new (the body has not arrived yet): what is pending,
             // the trace header, waits for the first piece of the body.
             let fresh = out.len() > before;
-            if receiver.violation().is_some() {
-                // Never sent: the message is refused, and the backend's
-                // transaction is dropped without the dot.
-                out.clear();
-            } else if fresh && backend_error.is_none() && data_refused.is_none() {
-                if awaiting_go_ahead {
-                    awaiting_go_ahead = false;
+            // After a violation nothing is sent (the message is refused and
+            // the backend's transaction dropped without the dot); after a
+            // backend failure or refusal the client is read on, unanswered.
+            let violated = receiver.violation().is_some();
+            if fresh && !violated && backend_error.is_none() && data_refused.is_none() {
+                if conn.awaiting_data_reply() {
                     go_ahead(&mut conn, &mut data_refused, &mut backend_error).await;
                 }
                 if backend_error.is_none() && data_refused.is_none() {
                     backend_error = conn.body(&out).await.err();
                 }
-                out.clear();
-            } else if fresh {
-                // The backend failed or refused: read on, send nothing.
+            }
+            if fresh || violated {
                 out.clear();
             }
             let read_before = self.conv.bytes_in;
@@ -1272,7 +1269,7 @@ impl<S: Transport> Session<S> {
             })
         });
         let clean = spoofed.is_none() && receiver.violation().is_none();
-        if awaiting_go_ahead && clean && backend_error.is_none() {
+        if conn.awaiting_data_reply() && clean && backend_error.is_none() {
             go_ahead(&mut conn, &mut data_refused, &mut backend_error).await;
         }
         let (reply, outcome) = if let Some((addr, denied)) = spoofed {

@@ -121,6 +121,21 @@ fn check_refuses_a_bad_limit_with_its_location() {
 }
 
 #[test]
+fn check_refuses_zero_threads_with_its_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:0\nbackend:\n  servers: [\"127.0.0.1:25\"]\nthreads: 0\n";
+    let out = Gateway::check_in(dir.path(), yaml);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let located = format!(
+        "{}:6:1: field `threads`",
+        dir.path().join("relayguard.yaml").display()
+    );
+    assert!(stderr.contains(&located), "expected {located} in: {stderr}");
+    assert!(stderr.contains("between 1 and 1024"), "{stderr}");
+}
+
+#[test]
 fn run_refuses_a_bad_config_before_listening() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.yaml");

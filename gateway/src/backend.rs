@@ -12,7 +12,7 @@
 
 use std::collections::VecDeque;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -45,6 +45,20 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Every stage, in declaration order (`Stage as usize` indexes it).
+    pub const ALL: [Stage; 10] = [
+        Stage::Connect,
+        Stage::Greeting,
+        Stage::Ehlo,
+        Stage::StartTls,
+        Stage::Rset,
+        Stage::Mail,
+        Stage::Rcpt,
+        Stage::Data,
+        Stage::Body,
+        Stage::DataDone,
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             Stage::Connect => "connect",
@@ -210,57 +224,112 @@ pub struct ConnectionState {
 }
 
 /// Metrics and per-server health, shared by the backend and its
-/// connections.
+/// connections, so by every shard: what a delivered message touches here
+/// is read-mostly (no lock, no label lookup), so shards do not take turns
+/// at one cache line per message.
 struct Observer {
     metrics: Arc<Metrics>,
     /// `host:port` of each configured server: the `server` label.
     labels: Vec<String>,
-    health: Mutex<Vec<Health>>,
+    health: Vec<Health>,
+    /// `relayguard_backend_up` of each server.
+    up_gauges: Vec<prometheus::IntGauge>,
+    /// `relayguard_backend_stage_duration_seconds` by `Stage as usize`.
+    stage_timers: Vec<prometheus::Histogram>,
+    /// What `Health::checked` counts from.
+    epoch: Instant,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+/// What is known of one server: [`UNKNOWN`], [`UP`] or [`DOWN`], and when
+/// that was last seen (milliseconds after [`Observer::epoch`], plus one; 0
+/// for never).
+#[derive(Debug)]
 struct Health {
-    up: bool,
-    checked: Option<Instant>,
+    state: AtomicU8,
+    checked: AtomicU64,
 }
+
+const UNKNOWN: u8 = 0;
+const UP: u8 = 1;
+const DOWN: u8 = 2;
+
+/// A server already known to be up is marked again by a delivered message
+/// at most this often: enough for freshness (probes and readiness look back
+/// seconds), and it keeps a store to shared memory off the per-message path.
+const REFRESH_UP: Duration = Duration::from_millis(250);
 
 impl Observer {
+    fn new(metrics: Arc<Metrics>, servers: &[BackendAddr]) -> Observer {
+        let labels: Vec<String> = servers.iter().map(|s| s.to_string()).collect();
+        Observer {
+            up_gauges: labels.iter().map(|l| metrics.backend_up_gauge(l)).collect(),
+            stage_timers: Stage::ALL
+                .iter()
+                .map(|s| metrics.backend_stage_histogram(s.label()))
+                .collect(),
+            health: labels
+                .iter()
+                .map(|_| Health {
+                    state: AtomicU8::new(UNKNOWN),
+                    checked: AtomicU64::new(0),
+                })
+                .collect(),
+            labels,
+            metrics,
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64 + 1
+    }
+
     /// Records that server `index` answered (or not) just now.
     fn mark(&self, index: usize, up: bool) {
-        let before = {
-            let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-            let Some(h) = health.get_mut(index) else {
-                return;
-            };
-            let before = h.checked.map(|_| h.up);
-            *h = Health {
-                up,
-                checked: Some(Instant::now()),
-            };
-            before
+        self.mark_at(index, up, self.now());
+    }
+
+    /// [`mark`](Self::mark) at `now` (from [`now`](Self::now)).
+    fn mark_at(&self, index: usize, up: bool, now: u64) {
+        let Some(h) = self.health.get(index) else {
+            return;
         };
-        self.metrics.backend_up(&self.labels[index], up);
-        match (before, up) {
-            (Some(true), false) | (None, false) => {
-                tracing::warn!(backend = %self.labels[index], "backend server down")
-            }
-            (Some(false), true) | (None, true) => {
-                tracing::info!(backend = %self.labels[index], "backend server up")
-            }
-            _ => {}
+        let new = if up { UP } else { DOWN };
+        if up
+            && h.state.load(Ordering::Relaxed) == UP
+            && now.saturating_sub(h.checked.load(Ordering::Relaxed)) < REFRESH_UP.as_millis() as u64
+        {
+            return;
+        }
+        h.checked.fetch_max(now, Ordering::Relaxed);
+        // One caller sees each change, so each is logged once.
+        let before = h.state.swap(new, Ordering::AcqRel);
+        if before == new {
+            return;
+        }
+        self.up_gauges[index].set(i64::from(up));
+        if up {
+            tracing::info!(backend = %self.labels[index], "backend server up")
+        } else {
+            tracing::warn!(backend = %self.labels[index], "backend server down")
         }
     }
 
     fn up_within(&self, index: usize, max_age: Duration) -> bool {
-        let health = self.health.lock().unwrap_or_else(|p| p.into_inner());
-        health
-            .get(index)
-            .is_some_and(|h| h.up && h.checked.is_some_and(|t| t.elapsed() <= max_age))
+        self.up_within_at(index, max_age, self.now())
+    }
+
+    fn up_within_at(&self, index: usize, max_age: Duration, now: u64) -> bool {
+        self.health.get(index).is_some_and(|h| {
+            let checked = h.checked.load(Ordering::Relaxed);
+            h.state.load(Ordering::Acquire) == UP
+                && checked != 0
+                && now.saturating_sub(checked) <= max_age.as_millis() as u64
+        })
     }
 
     fn stage(&self, stage: Stage, started: Instant) {
-        self.metrics
-            .backend_stage_latency(stage.label(), started.elapsed());
+        self.stage_timers[stage as usize].observe(started.elapsed().as_secs_f64());
     }
 }
 
@@ -679,18 +748,7 @@ impl Backend {
             pools: (0..shards).map(|_| Mutex::new(VecDeque::new())).collect(),
             per_shard_max: config.pool.max_idle.div_ceil(shards),
             pooled: AtomicUsize::new(0),
-            observer: Arc::new(Observer {
-                labels: config
-                    .servers
-                    .iter()
-                    .map(|s| {
-                        metrics.init_backend_server(&s.to_string());
-                        s.to_string()
-                    })
-                    .collect(),
-                health: Mutex::new(vec![Health::default(); config.servers.len()]),
-                metrics,
-            }),
+            observer: Arc::new(Observer::new(metrics, &config.servers)),
         }))
     }
 
@@ -1027,5 +1085,67 @@ impl Backend {
         conn.caps = Capabilities::default();
         self.hello(&mut conn).await?;
         Ok(conn)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn observer() -> (Arc<Metrics>, Observer) {
+        let metrics = Arc::new(Metrics::new());
+        let servers: Vec<BackendAddr> = ["127.0.0.1:25", "127.0.0.1:26"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        (metrics.clone(), Observer::new(metrics, &servers))
+    }
+
+    fn up_gauge(metrics: &Metrics, server: &str) -> i64 {
+        metrics.backend_up_gauge(server).get()
+    }
+
+    #[test]
+    fn health_follows_the_last_answer_of_each_server() {
+        let (metrics, o) = observer();
+        let fresh = Duration::from_secs(60);
+        assert!(!o.up_within(0, fresh), "unknown is not up");
+        assert_eq!(up_gauge(&metrics, "127.0.0.1:25"), 0);
+
+        o.mark(0, true);
+        assert!(o.up_within(0, fresh));
+        assert!(!o.up_within(1, fresh), "servers are apart");
+        assert_eq!(up_gauge(&metrics, "127.0.0.1:25"), 1);
+
+        // Down right after up is never held back by the refresh interval,
+        // nor is up right after down.
+        o.mark(0, false);
+        assert!(!o.up_within(0, fresh));
+        assert_eq!(up_gauge(&metrics, "127.0.0.1:25"), 0);
+        o.mark(0, true);
+        assert!(o.up_within(0, fresh));
+        assert_eq!(up_gauge(&metrics, "127.0.0.1:25"), 1);
+
+        o.mark(7, true); // not a configured server: ignored
+    }
+
+    #[test]
+    fn a_busy_server_stays_fresh_without_a_store_per_message() {
+        let (_metrics, o) = observer();
+        let every = REFRESH_UP.as_millis() as u64;
+        o.mark_at(0, true, 1000);
+        // Deliveries within REFRESH_UP write nothing...
+        for t in 1000..1000 + every {
+            o.mark_at(0, true, t);
+        }
+        assert_eq!(o.health[0].checked.load(Ordering::Relaxed), 1000);
+        assert!(o.up_within_at(0, Duration::from_secs(1), 1000 + every));
+        // ...the first after it refreshes the time.
+        o.mark_at(0, true, 1000 + every);
+        assert_eq!(o.health[0].checked.load(Ordering::Relaxed), 1000 + every);
+        assert!(!o.up_within_at(0, Duration::from_secs(1), 2001 + every));
+        // A refusal is recorded at once, whatever the interval.
+        o.mark_at(0, false, 1001 + every);
+        assert!(!o.up_within_at(0, Duration::from_secs(1), 1001 + every));
     }
 }

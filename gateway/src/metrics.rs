@@ -15,7 +15,6 @@
 //! audit log ([`crate::audit`]), not in a time series.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use prometheus::core::Collector;
 use prometheus::{
@@ -226,10 +225,12 @@ pub struct Metrics {
     /// usize`), resolved once: counted for every message, where a label
     /// lookup (hash and lock) is measurable.
     backend_results: Vec<prometheus::IntCounter>,
+    /// `relay_decisions{none,accept,local}`: every inbound recipient.
+    relay_local: IntCounter,
     backend_stage_duration: HistogramVec,
     /// `backend_stage_duration` by stage, resolved once (several per
     /// message).
-    backend_stages: Vec<(&'static str, prometheus::Histogram)>,
+    backend_stages: Vec<(&'static str, Histogram)>,
     backend_up: IntGaugeVec,
     backend_pool_idle: IntGauge,
     reloads: IntCounterVec,
@@ -285,6 +286,13 @@ impl Metrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let relay_decisions = counter_vec(
+            &r,
+            "relayguard_relay_decisions_total",
+            "Relay policy decisions (MAIL and RCPT), by the rule that decided (none if no rule did), accept or deny, and the reason (local, relay, or the refusal reason).",
+            &["rule", "decision", "reason"],
+        );
+        let relay_local = relay_decisions.with_label_values(&["none", "accept", "local"]);
         let mut m = Metrics {
             connections_accepted: counter_vec(
                 &r,
@@ -336,12 +344,7 @@ impl Metrics {
                 "Completed AUTH exchanges, by mechanism and result (success or the failure reason).",
                 &["mechanism", "result"],
             ),
-            relay_decisions: counter_vec(
-                &r,
-                "relayguard_relay_decisions_total",
-                "Relay policy decisions (MAIL and RCPT), by the rule that decided (none if no rule did), accept or deny, and the reason (local, relay, or the refusal reason).",
-                &["rule", "decision", "reason"],
-            ),
+            relay_decisions,
             rate_limited: counter_vec(
                 &r,
                 "relayguard_rate_limited_total",
@@ -428,6 +431,7 @@ impl Metrics {
             accepting: AtomicBool::new(false),
             registry: r,
             backend_results: Vec::new(),
+            relay_local,
             backend_stages: Vec::new(),
         };
         m.backend_results = BackendResult::ALL
@@ -451,8 +455,6 @@ impl Metrics {
         ] {
             m.messages_refused.with_label_values(&[violation_label(v)]);
         }
-        m.relay_decisions
-            .with_label_values(&["none", "accept", "local"]);
         m.relay_decisions
             .with_label_values(&["none", "deny", "relay_denied"]);
         for stage in ["mail", "rcpt"] {
@@ -508,12 +510,6 @@ impl Metrics {
             self.auth_attempts
                 .with_label_values(&[mechanism.name(), result]);
         }
-    }
-
-    /// Zeroes `relayguard_backend_up` of a configured backend server: down
-    /// until a connection or probe says otherwise.
-    pub fn init_backend_server(&self, server: &str) {
-        self.backend_up.with_label_values(&[server]);
     }
 
     /// The configured connection limit (for saturation: active / max).
@@ -593,9 +589,7 @@ impl Metrics {
 
     /// A recipient at a local domain: accepted without consulting rules.
     pub fn relay_local(&self) {
-        self.relay_decisions
-            .with_label_values(&["none", "accept", "local"])
-            .inc();
+        self.relay_local.inc();
     }
 
     /// Relaying allowed by `rule` (a configured rule or trusted network).
@@ -657,24 +651,22 @@ impl Metrics {
         self.backend_results[result as usize].inc();
     }
 
-    /// Latency of one backend stage (`Stage::label()`: connect, greeting,
-    /// ehlo, starttls, rset, mail, rcpt, data, data_done).
-    pub fn backend_stage_latency(&self, stage: &'static str, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
+    /// The latency histogram of one backend stage (`Stage::label()`:
+    /// connect, greeting, ehlo, starttls, rset, mail, rcpt, data,
+    /// data_done), resolved once by the backend so that timing a stage is
+    /// one observation, not a label lookup per message.
+    pub fn backend_stage_histogram(&self, stage: &'static str) -> Histogram {
         match self.backend_stages.iter().find(|(s, _)| *s == stage) {
-            Some((_, histogram)) => histogram.observe(seconds),
-            None => self
-                .backend_stage_duration
-                .with_label_values(&[stage])
-                .observe(seconds),
+            Some((_, histogram)) => histogram.clone(),
+            None => self.backend_stage_duration.with_label_values(&[stage]),
         }
     }
 
-    /// `server` is a configured backend address (`host:port`).
-    pub fn backend_up(&self, server: &str, up: bool) {
-        self.backend_up
-            .with_label_values(&[server])
-            .set(i64::from(up));
+    /// The `relayguard_backend_up` gauge of one configured server (created
+    /// at zero: down until a connection or probe says otherwise), resolved
+    /// once by the backend.
+    pub fn backend_up_gauge(&self, server: &str) -> IntGauge {
+        self.backend_up.with_label_values(&[server])
     }
 
     pub fn backend_pool_idle(&self, idle: usize) {
@@ -756,8 +748,8 @@ mod tests {
         m.message_forwarded(5000, 3);
         m.message_refused(DataViolation::BareLf);
         m.backend_transaction(BackendResult::Delivered);
-        m.backend_stage_latency("data_done", Duration::from_millis(12));
-        m.backend_up("127.0.0.1:25", true);
+        m.backend_stage_histogram("data_done").observe(0.012);
+        m.backend_up_gauge("127.0.0.1:25").set(1);
         m.backend_pool_idle(2);
         m.reload(ReloadKind::Policy, false);
         m.audit_record("written");
@@ -1018,6 +1010,7 @@ mod backend_tests {
     use crate::backend::{Backend, MailArgs};
     use std::net::SocketAddr;
     use std::sync::Arc;
+    use std::time::Duration;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::TcpListener;
 

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use policy::located::Located;
 use serde::Deserialize;
 
 /// A configuration problem, located as precisely as the YAML parser allows.
@@ -23,22 +24,12 @@ pub enum ConfigError {
         file: String,
         source: std::io::Error,
     },
-    #[error("{file}:{line}:{column}: field `{field}`: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        column: usize,
-        field: String,
-        message: String,
-    },
+    /// With the line and column where they are known, and always the field
+    /// (`.` for the document itself).
+    #[error(transparent)]
+    Invalid(Located),
     #[error("{message}")]
     Policy { message: String },
-    #[error("{file}: field `{field}`: {message}")]
-    Unlocated {
-        file: String,
-        field: String,
-        message: String,
-    },
 }
 
 /// More threads than this is a typo, not a machine.
@@ -431,19 +422,13 @@ impl Config {
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = serde_norway::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let (line, column) = inner
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            ConfigError::Invalid {
-                file: origin.to_string(),
-                line,
-                column,
-                field,
-                message: policy::identity::strip_location(&inner.to_string()),
-            }
+            let mut e = Located::from_yaml_error(origin, e);
+            // A parse error has always shown a position, 0:0 when the parser
+            // gave none.
+            e.line = Some(e.line.unwrap_or(0));
+            e.column = Some(e.column.unwrap_or(0));
+            e.name_document = true;
+            ConfigError::Invalid(e)
         })?;
         config.validate(text, origin)?;
         let mut config = config;
@@ -469,13 +454,13 @@ impl Config {
             }
         };
         if config.policy_location.is_none() {
-            return Err(ConfigError::Unlocated {
-                file: origin.to_string(),
-                field: "policy".into(),
-                message:
-                    "a relay policy is required: `policy_file: FILE` or a `policy:` block section"
-                        .into(),
-            });
+            return Err(ConfigError::Invalid(Located::new(
+                origin,
+                None,
+                None,
+                "policy",
+                "a relay policy is required: `policy_file: FILE` or a `policy:` block section",
+            )));
         }
         Ok(config)
     }
@@ -738,20 +723,15 @@ fn located(text: &str, origin: &str, field: String, needle: &str, message: Strin
                 .find_map(|(n, l)| l.find(needle).map(|c| (n + 1, c + 1)))
         })
         .flatten();
-    match hit {
-        Some((line, column)) => ConfigError::Invalid {
-            file: origin.to_string(),
-            line,
-            column,
-            field,
-            message,
-        },
-        None => ConfigError::Unlocated {
-            file: origin.to_string(),
-            field,
-            message,
-        },
-    }
+    let mut e = Located::new(
+        origin,
+        hit.map(|(line, _)| line),
+        hit.map(|(_, column)| column),
+        field,
+        message,
+    );
+    e.name_document = true;
+    ConfigError::Invalid(e)
 }
 
 #[cfg(test)]

@@ -629,15 +629,17 @@ impl Policy {
     /// check this itself because listeners live in the gateway's
     /// configuration.
     pub fn check_listeners(&self, known: &[&str]) -> Result<(), PolicyError> {
-        let unknown = |field: String, name: &str| PolicyError::Invalid {
-            origin: self.origin.clone(),
-            line: None,
-            column: None,
-            field,
-            message: format!(
-                "no listener is named `{name}` (listeners: {})",
-                known.join(", ")
-            ),
+        let unknown = |field: String, name: &str| {
+            PolicyError::Invalid(crate::located::Located::new(
+                self.origin.clone(),
+                None,
+                None,
+                field,
+                format!(
+                    "no listener is named `{name}` (listeners: {})",
+                    known.join(", ")
+                ),
+            ))
         };
         for name in &self.listener_names {
             if !known.contains(&name.as_str()) {

@@ -14,6 +14,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use policy::located::Located;
+use policy::relay::Policy;
 use serde::Deserialize;
 
 /// A configuration problem, located as precisely as the YAML parser allows.
@@ -53,7 +54,10 @@ pub struct Config {
     pub limits: Limits,
     /// The relay policy inline (see `policy::relay` for the language); or
     /// `policy_file` for a file of its own, which is what hot reload
-    /// watches. Parsed by `policy_source`, not here.
+    /// watches. Parsed by `policy_source` (once, in [`Config::load`]), not
+    /// here: the rules' errors must point at the section's own lines and
+    /// fields. Read into a `Value` rather than skipped because that is what
+    /// refuses a key given twice in the section, with this file's position.
     #[serde(default)]
     pub policy: Option<serde_norway::Value>,
     #[serde(default)]
@@ -404,8 +408,12 @@ impl Default for ShutdownConfig {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates a configuration file, and loads the relay policy
+    /// it names (inline or `policy_file`). The policy is part of the
+    /// configuration, so a bad one stops here; and the one loaded here is
+    /// the one used, so the policy (and the users file it is checked
+    /// against) is read and parsed once, not again by whoever asked.
+    pub fn load(path: &Path) -> Result<(Config, Policy), ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
@@ -413,9 +421,9 @@ impl Config {
         })?;
         let mut config = Config::from_yaml(&text, &file)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        // The policy is part of the configuration: a bad one stops here.
-        crate::policy_source::load(&config).map_err(|message| ConfigError::Policy { message })?;
-        Ok(config)
+        let policy = crate::policy_source::load(&config)
+            .map_err(|message| ConfigError::Policy { message })?;
+        Ok((config, policy))
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.

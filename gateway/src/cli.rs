@@ -200,7 +200,7 @@ fn hash_password() -> anyhow::Result<()> {
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
+    let (config, policy) = Config::load(path)?;
     // Certificates and keys are part of the configuration: load them too.
     for l in &config.listeners {
         let pair = match (&l.certificate, &l.key, &config.tls) {
@@ -218,7 +218,6 @@ fn check(path: &Path) -> anyhow::Result<()> {
     if let Some(ca) = &config.backend.ca_file {
         crate::tls::backend_client_config(Some(ca))?;
     }
-    let policy = crate::policy_source::load(&config).map_err(anyhow::Error::msg)?;
     let warnings = policy.warnings();
     for w in &warnings {
         println!("warning: {w}");
@@ -248,8 +247,7 @@ async fn explain(
     mechanism: &str,
     tls: bool,
 ) -> anyhow::Result<bool> {
-    let config = Config::load(path)?;
-    let policy = crate::policy_source::load(&config).map_err(anyhow::Error::msg)?;
+    let (config, policy) = Config::load(path)?;
     let listener = listener.unwrap_or_else(|| config.listeners[0].name.clone());
     let mechanism = policy::relay::Mechanism::from_name(mechanism)
         .ok_or_else(|| anyhow::anyhow!("unknown mechanism `{mechanism}`"))?;
@@ -311,8 +309,8 @@ async fn lookup_principal(
 }
 
 async fn run(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load(path)?;
-    serve(config, Some(path.to_path_buf())).await
+    let (config, policy) = Config::load(path)?;
+    serve(config, Some(policy), Some(path.to_path_buf())).await
 }
 
 async fn run_demo(smtp: SocketAddr, metrics: SocketAddr) -> anyhow::Result<()> {
@@ -325,12 +323,21 @@ async fn run_demo(smtp: SocketAddr, metrics: SocketAddr) -> anyhow::Result<()> {
     });
     println!("RelayGuard demo: SMTP on {smtp} (STARTTLS with a self-signed certificate), local domain example.test");
     println!("capture backend on {backend}: one line per delivered message below");
-    serve(config, None).await
+    serve(config, None, None).await
 }
 
-async fn serve(config: Config, path: Option<PathBuf>) -> anyhow::Result<()> {
+/// `policy` is the one [`Config::load`] loaded, if it did; otherwise the
+/// server loads it.
+async fn serve(
+    config: Config,
+    policy: Option<policy::relay::Policy>,
+    path: Option<PathBuf>,
+) -> anyhow::Result<()> {
     let metrics_config = config.metrics.clone();
-    let server = Server::bind(config).await?;
+    let server = match policy {
+        Some(policy) => Server::bind_with_policy(config, policy).await?,
+        None => Server::bind(config).await?,
+    };
     let metrics_listener = match &metrics_config {
         Some(m) => Some(crate::http::bind(m).await?),
         None => None,

@@ -13,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
+use policy::located::Located;
+use policy::relay::Policy;
 use serde::Deserialize;
 
 /// A configuration problem, located as precisely as the YAML parser allows.
@@ -23,22 +25,12 @@ pub enum ConfigError {
         file: String,
         source: std::io::Error,
     },
-    #[error("{file}:{line}:{column}: field `{field}`: {message}")]
-    Invalid {
-        file: String,
-        line: usize,
-        column: usize,
-        field: String,
-        message: String,
-    },
+    /// With the line and column where they are known, and always the field
+    /// (`.` for the document itself).
+    #[error(transparent)]
+    Invalid(Located),
     #[error("{message}")]
     Policy { message: String },
-    #[error("{file}: field `{field}`: {message}")]
-    Unlocated {
-        file: String,
-        field: String,
-        message: String,
-    },
 }
 
 /// More threads than this is a typo, not a machine.
@@ -62,7 +54,10 @@ pub struct Config {
     pub limits: Limits,
     /// The relay policy inline (see `policy::relay` for the language); or
     /// `policy_file` for a file of its own, which is what hot reload
-    /// watches. Parsed by `policy_source`, not here.
+    /// watches. Parsed by `policy_source` (once, in [`Config::load`]), not
+    /// here: the rules' errors must point at the section's own lines and
+    /// fields. Read into a `Value` rather than skipped because that is what
+    /// refuses a key given twice in the section, with this file's position.
     #[serde(default)]
     pub policy: Option<serde_norway::Value>,
     #[serde(default)]
@@ -413,8 +408,12 @@ impl Default for ShutdownConfig {
 }
 
 impl Config {
-    /// Reads and validates a configuration file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    /// Reads and validates a configuration file, and loads the relay policy
+    /// it names (inline or `policy_file`). The policy is part of the
+    /// configuration, so a bad one stops here; and the one loaded here is
+    /// the one used, so the policy (and the users file it is checked
+    /// against) is read and parsed once, not again by whoever asked.
+    pub fn load(path: &Path) -> Result<(Config, Policy), ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: file.clone(),
@@ -422,28 +421,22 @@ impl Config {
         })?;
         let mut config = Config::from_yaml(&text, &file)?;
         config.resolve_paths(path.parent().unwrap_or(Path::new(".")));
-        // The policy is part of the configuration: a bad one stops here.
-        crate::policy_source::load(&config).map_err(|message| ConfigError::Policy { message })?;
-        Ok(config)
+        let policy = crate::policy_source::load(&config)
+            .map_err(|message| ConfigError::Policy { message })?;
+        Ok((config, policy))
     }
 
     /// Parses and validates configuration text; `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Config, ConfigError> {
         let de = serde_norway::Deserializer::from_str(text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let (line, column) = inner
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .unwrap_or((0, 0));
-            ConfigError::Invalid {
-                file: origin.to_string(),
-                line,
-                column,
-                field,
-                message: policy::identity::strip_location(&inner.to_string()),
-            }
+            let mut e = Located::from_yaml_error(origin, e);
+            // A parse error has always shown a position, 0:0 when the parser
+            // gave none.
+            e.line = Some(e.line.unwrap_or(0));
+            e.column = Some(e.column.unwrap_or(0));
+            e.name_document = true;
+            ConfigError::Invalid(e)
         })?;
         config.validate(text, origin)?;
         let mut config = config;
@@ -469,13 +462,13 @@ impl Config {
             }
         };
         if config.policy_location.is_none() {
-            return Err(ConfigError::Unlocated {
-                file: origin.to_string(),
-                field: "policy".into(),
-                message:
-                    "a relay policy is required: `policy_file: FILE` or a `policy:` block section"
-                        .into(),
-            });
+            return Err(ConfigError::Invalid(Located::new(
+                origin,
+                None,
+                None,
+                "policy",
+                "a relay policy is required: `policy_file: FILE` or a `policy:` block section",
+            )));
         }
         Ok(config)
     }
@@ -738,20 +731,15 @@ fn located(text: &str, origin: &str, field: String, needle: &str, message: Strin
                 .find_map(|(n, l)| l.find(needle).map(|c| (n + 1, c + 1)))
         })
         .flatten();
-    match hit {
-        Some((line, column)) => ConfigError::Invalid {
-            file: origin.to_string(),
-            line,
-            column,
-            field,
-            message,
-        },
-        None => ConfigError::Unlocated {
-            file: origin.to_string(),
-            field,
-            message,
-        },
-    }
+    let mut e = Located::new(
+        origin,
+        hit.map(|(line, _)| line),
+        hit.map(|(_, column)| column),
+        field,
+        message,
+    );
+    e.name_document = true;
+    ConfigError::Invalid(e)
 }
 
 #[cfg(test)]

@@ -126,19 +126,12 @@ pub fn load(config: &Config) -> Result<Policy, String> {
 /// Moves a position inside the cut-out section back to the configuration file.
 fn relocate(e: PolicyError, section: &InlineSection) -> PolicyError {
     match e {
-        PolicyError::Invalid {
-            origin,
-            line,
-            column,
-            field,
-            message,
-        } => PolicyError::Invalid {
-            origin,
-            line: line.map(|l| l + section.line_offset),
-            column: column.map(|c| c + section.indent),
-            field: format!("policy.{field}"),
-            message,
-        },
+        PolicyError::Invalid(mut e) => {
+            e.line = e.line.map(|l| l + section.line_offset);
+            e.column = e.column.map(|c| c + section.indent);
+            e.field = format!("policy.{}", e.field);
+            PolicyError::Invalid(e)
+        }
         other => other,
     }
 }

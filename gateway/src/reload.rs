@@ -47,9 +47,10 @@ pub fn reload(shared: &Shared, config_path: Option<&Path>) {
 /// of path is seen too) and swaps it in.
 pub fn reload_policy(shared: &Shared, config_path: Option<&Path>) -> bool {
     let loaded = match config_path {
+        // Loading the configuration loads its policy.
         Some(path) => Config::load(path)
-            .map_err(|e| e.to_string())
-            .and_then(|c| crate::policy_source::load(&c)),
+            .map(|(_, policy)| policy)
+            .map_err(|e| e.to_string()),
         None => crate::policy_source::load(&shared.config),
     };
     match loaded {

@@ -180,11 +180,17 @@ pub struct Server {
 }
 
 impl Server {
-    /// Loads certificates, builds the backend client and binds every
-    /// listener. Nothing is accepted yet.
+    /// Loads the relay policy, certificates, builds the backend client and
+    /// binds every listener. Nothing is accepted yet.
     pub async fn bind(config: Config) -> Result<Server, StartError> {
-        let config = Arc::new(config);
         let policy = crate::policy_source::load(&config).map_err(StartError::Policy)?;
+        Server::bind_with_policy(config, policy).await
+    }
+
+    /// As [`Server::bind`], with the relay policy already loaded from
+    /// `config` (by [`Config::load`]), so that it is not read again.
+    pub async fn bind_with_policy(config: Config, policy: Policy) -> Result<Server, StartError> {
+        let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         metrics.set_connection_limit(config.limits.max_connections);
         let audit = crate::audit::AuditLog::open(&config.audit, metrics.clone())

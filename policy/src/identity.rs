@@ -14,6 +14,8 @@ use md4::{Digest, Md4};
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+use crate::located::Located;
+
 /// One account as the policy sees it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Account {
@@ -89,32 +91,9 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
-    /// `line` and `column` are 1-based; `field` is the path inside the
-    /// document, such as `users[2].nt_hash`.
-    #[error("{origin}{}: {}{message}", fmt_location(*.line, *.column), fmt_field(.field))]
-    Invalid {
-        origin: String,
-        line: Option<usize>,
-        column: Option<usize>,
-        field: String,
-        message: String,
-    },
-}
-
-pub(crate) fn fmt_location(line: Option<usize>, column: Option<usize>) -> String {
-    match (line, column) {
-        (Some(l), Some(c)) => format!(":{l}:{c}"),
-        (Some(l), None) => format!(":{l}"),
-        _ => String::new(),
-    }
-}
-
-pub(crate) fn fmt_field(field: &str) -> String {
-    if field.is_empty() || field == "." {
-        String::new()
-    } else {
-        format!("field `{field}`: ")
-    }
+    /// `field` is the path inside the document, such as `users[2].nt_hash`.
+    #[error(transparent)]
+    Invalid(Located),
 }
 
 /// Accounts loaded from a YAML users file.
@@ -139,18 +118,8 @@ impl UsersFile {
     /// Parses a users file already in memory. `origin` names it in errors.
     pub fn parse(yaml: &str, origin: &str) -> Result<Self, IdentityError> {
         let de = serde_norway::Deserializer::from_str(yaml);
-        let raw: RawFile = serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = e.path().to_string();
-            let inner = e.into_inner();
-            let loc = inner.location();
-            IdentityError::Invalid {
-                origin: origin.to_owned(),
-                line: loc.as_ref().map(|l| l.line()),
-                column: loc.as_ref().map(|l| l.column()),
-                field,
-                message: strip_location(&inner.to_string()),
-            }
-        })?;
+        let raw: RawFile = serde_path_to_error::deserialize(de)
+            .map_err(|e| IdentityError::Invalid(Located::from_yaml_error(origin, e)))?;
         let mut file = UsersFile::default();
         for entry in raw.users {
             let key = (fold_case(&entry.domain), fold_case(&entry.user));
@@ -197,15 +166,6 @@ impl CredentialStore for UsersFile {
         self.index
             .get(&(fold_case(domain), fold_case(user)))
             .map(|&i| self.accounts[i].clone())
-    }
-}
-
-/// serde_norway appends " at line L column C" to messages; the location is
-/// reported separately, so drop the duplicate.
-pub fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_owned(),
-        None => msg.to_owned(),
     }
 }
 
@@ -381,13 +341,7 @@ users:
 
     fn err(yaml: &str) -> (String, Option<usize>, String) {
         match UsersFile::parse(yaml, "users.yaml").unwrap_err() {
-            e @ IdentityError::Invalid { .. } => {
-                let text = e.to_string();
-                let IdentityError::Invalid { line, field, .. } = e else {
-                    unreachable!()
-                };
-                (text, line, field)
-            }
+            IdentityError::Invalid(e) => (e.to_string(), e.line, e.field),
             other => panic!("unexpected {other:?}"),
         }
     }

@@ -1,4 +1,5 @@
 pub mod clock;
 pub mod identity;
+pub mod located;
 pub mod ntlm;
 pub mod relay;

@@ -37,7 +37,7 @@ use crate::smtp::data::{DataReceiver, DataStatus};
 use crate::smtp::line::{LineError, LineReader};
 use crate::smtp::reply::{EnhancedCode as E, Reply};
 use crate::tls::TlsInfo;
-use policy::relay::{Context, Policy, RcptDecision, SenderDecision};
+use policy::relay::{Context, Policy, RcptDecision, Refusal, SenderDecision};
 
 /// RFC 4954 §4: AUTH lines may carry up to 12288 octets of SASL data.
 const MAX_AUTH_LINE: usize = 12_288;
@@ -914,7 +914,7 @@ impl<S: Transport> Session<S> {
         );
         match &decision {
             SenderDecision::Accept => {}
-            SenderDecision::Deny { rule, reason, .. } => {
+            SenderDecision::Deny(Refusal { rule, reason, .. }) => {
                 self.policy_refusal("mail", rule.as_deref(), reason, &raw, "-");
                 let (code, e, text) = decision.reply();
                 self.reply(Reply::new(code, E(e.0, e.1, e.2), text));
@@ -1021,7 +1021,7 @@ impl<S: Transport> Session<S> {
                     .relay_decision(Some(rule), "allowed");
                 *max_message_size
             }
-            RcptDecision::Deny { rule, reason, .. } => {
+            RcptDecision::Deny(Refusal { rule, reason, .. }) => {
                 self.policy_refusal("rcpt", rule.as_deref(), reason, &from, &to.raw);
                 if let State::Transaction(tx) = &mut self.state {
                     tx.refused += 1;

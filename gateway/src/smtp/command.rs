@@ -7,7 +7,7 @@
 //! §4.1.2 grammar exactly, and the only leniency is the one real clients need
 //! (spaces after `MAIL FROM:`/`RCPT TO:`, case-insensitive keywords).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use policy::relay::address::{self, AddressError};
 
 /// A parsed client command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,13 +126,19 @@ pub enum CommandError {
 
 use CommandError::{BadAddress, NonAscii, Syntax, UnsupportedParameter};
 
-/// RFC 5321 §4.5.3.1: limits on the parts of a path, in octets.
-const MAX_LOCAL_PART: usize = 64;
-const MAX_DOMAIN: usize = 255;
-/// Includes the angle brackets.
-const MAX_PATH: usize = 256;
-/// DNS labels (RFC 1035 §2.3.4).
-const MAX_LABEL: usize = 63;
+/// The policy's grammar helpers (see [`parse_path`]) fail with an
+/// [`AddressError`]; here every failure of theirs is a bad address.
+impl From<AddressError> for CommandError {
+    fn from(e: AddressError) -> Self {
+        match e {
+            // Unreachable in practice: `split_path` refuses non-ASCII first.
+            AddressError::NonAsciiLocalPart => NonAscii,
+            AddressError::Syntax(what) | AddressError::Idn(what) | AddressError::Routing(what) => {
+                BadAddress(what)
+            }
+        }
+    }
+}
 
 /// The verbs this parser understands.
 const KNOWN: &[&str] = &[
@@ -379,8 +385,21 @@ fn split_path(s: &[u8]) -> Result<(&[u8], &[u8]), CommandError> {
 }
 
 /// Parses the text between `<` and `>` (not empty, checked by the caller).
+///
+/// The grammar's pieces (dot-string, quoted string, domain labels, address
+/// literals, the length limits) are the policy's own, from
+/// [`policy::relay::address`], so both layers agree on them. The walk over a
+/// path is not shared, because the two do different jobs: this one keeps the
+/// path as sent (it is what gets forwarded) and answers any syntax error
+/// with `501 Bad address syntax` before the policy is asked; the policy's
+/// `parse_path` then canonicalises (case, IDN, IP literals as addresses) and
+/// refuses more, with its own replies: an empty quoted local part, a last
+/// label of digits, a look-alike or malformed A-label. The two walks also
+/// word some errors differently (an empty route host, text after a quoted
+/// local part, text after a route host's `]`), and the replies carry those
+/// words, so one walk could not serve both without changing a reply.
 fn parse_path(raw: &[u8], postmaster_ok: bool) -> Result<Path, CommandError> {
-    if raw.len() + 2 > MAX_PATH {
+    if raw.len() > address::MAX_PATH {
         return Err(BadAddress("path too long"));
     }
     // split_path has rejected non-ASCII, so this cannot fail; still, no panic.
@@ -440,10 +459,10 @@ fn parse_source_route(s: &str) -> Result<(Vec<String>, &str), CommandError> {
 
 fn parse_mailbox(s: &str) -> Result<Mailbox, CommandError> {
     let at = if s.starts_with('"') {
-        quoted_string_end(s)?
+        address::quoted_string_end(s)?
     } else {
         let at = s.find('@').ok_or(BadAddress("missing domain"))?;
-        if !is_dot_string(&s[..at]) {
+        if !address::is_dot_string(&s[..at]) {
             return Err(BadAddress(if at == 0 {
                 "missing local part"
             } else {
@@ -458,7 +477,7 @@ fn parse_mailbox(s: &str) -> Result<Mailbox, CommandError> {
         None if rest.is_empty() => return Err(BadAddress("missing domain")),
         None => return Err(BadAddress("bad local part")),
     };
-    if local_part.len() > MAX_LOCAL_PART {
+    if local_part.len() > address::MAX_LOCAL_PART {
         return Err(BadAddress("local part too long"));
     }
     if domain.is_empty() {
@@ -473,81 +492,21 @@ fn parse_mailbox(s: &str) -> Result<Mailbox, CommandError> {
     })
 }
 
-/// Returns the index just past the closing quote of the quoted string that
-/// starts `s`.
-fn quoted_string_end(s: &str) -> Result<usize, CommandError> {
-    let b = s.as_bytes();
-    let mut i = 1;
-    while i < b.len() {
-        match b[i] {
-            b'"' => return Ok(i + 1),
-            // quoted-pairSMTP = "\" %d32-126
-            b'\\' => match b.get(i + 1) {
-                Some(32..=126) => i += 2,
-                _ => return Err(BadAddress("bad quoted local part")),
-            },
-            // qtextSMTP = %d32-33 / %d35-91 / %d93-126
-            32..=126 => i += 1,
-            _ => return Err(BadAddress("bad quoted local part")),
-        }
-    }
-    Err(BadAddress("unterminated quoted local part"))
-}
-
-fn is_atext(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b)
-}
-
-/// `Dot-string = Atom *("." Atom)`: no empty atoms, so no leading, trailing
-/// or doubled dots.
-fn is_dot_string(s: &str) -> bool {
-    !s.is_empty()
-        && s.split('.')
-            .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext))
-}
-
 fn parse_domain(s: &str) -> Result<Domain, CommandError> {
-    if s.len() > MAX_DOMAIN {
+    if s.len() > address::MAX_DOMAIN {
         return Err(BadAddress("domain too long"));
     }
     if let Some(inner) = s.strip_prefix('[') {
         let inner = inner
             .strip_suffix(']')
             .ok_or(BadAddress("bad address literal"))?;
-        if let Some(v6) = strip_prefix_ci(inner.as_bytes(), b"IPv6:") {
-            // inner is ASCII, so the suffix is too.
-            let v6 = std::str::from_utf8(v6).map_err(|_| NonAscii)?;
-            if v6.parse::<Ipv6Addr>().is_err() {
-                return Err(BadAddress("bad IPv6 address literal"));
-            }
-        } else if inner.parse::<Ipv4Addr>().is_err() {
-            return Err(BadAddress(if inner.contains(':') {
-                "general address literals are not supported"
-            } else {
-                "bad IPv4 address literal"
-            }));
-        }
+        address::parse_literal(inner)?;
         return Ok(Domain::AddressLiteral(inner.to_string()));
     }
     // A trailing dot ("user@example.com.") names the same domain in DNS but
-    // not in RFC 5321; refusing it keeps the policy layer from having to
-    // decide which form a relay rule meant.
-    for label in s.split('.') {
-        if label.is_empty() {
-            return Err(BadAddress("empty domain label"));
-        }
-        if label.len() > MAX_LABEL {
-            return Err(BadAddress("domain label too long"));
-        }
-        let b = label.as_bytes();
-        // Underscores are not valid in host names and are refused too.
-        if !b.iter().all(|&c| c.is_ascii_alphanumeric() || c == b'-')
-            || b[0] == b'-'
-            || b[b.len() - 1] == b'-'
-        {
-            return Err(BadAddress("bad domain label"));
-        }
-    }
+    // not in RFC 5321; refusing it (as an empty label) keeps the policy
+    // layer from having to decide which form a relay rule meant.
+    address::check_labels(s)?;
     Ok(Domain::Name(s.to_string()))
 }
 

@@ -20,11 +20,13 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use unicode_security::{RestrictionLevel, RestrictionLevelDetection};
 
-/// RFC 5321 §4.5.3.1 limits, in octets.
-const MAX_LOCAL_PART: usize = 64;
-const MAX_DOMAIN: usize = 255;
+/// RFC 5321 §4.5.3.1 limits, in octets. Public, with the grammar helpers
+/// below, for the gateway's command parser: both layers must agree on what
+/// an address is.
+pub const MAX_LOCAL_PART: usize = 64;
+pub const MAX_DOMAIN: usize = 255;
 /// The whole path without its angle brackets (256 with them).
-const MAX_PATH: usize = 254;
+pub const MAX_PATH: usize = 254;
 /// RFC 1035 §2.3.4.
 const MAX_LABEL: usize = 63;
 /// A quoted local part may hold a whole address, which may hold another:
@@ -346,8 +348,9 @@ fn parse_mailbox(s: &str) -> Result<Mailbox, AddressError> {
     })
 }
 
-/// Index just past the closing quote of the quoted string starting `s`.
-fn quoted_string_end(s: &str) -> Result<usize, AddressError> {
+/// Index just past the closing quote of the quoted string starting `s`
+/// (RFC 5321 §4.1.2 `Quoted-string`, kept as sent).
+pub fn quoted_string_end(s: &str) -> Result<usize, AddressError> {
     let b = s.as_bytes();
     let mut i = 1;
     while i < b.len() {
@@ -388,8 +391,9 @@ fn is_atext(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(&b)
 }
 
-/// `Dot-string = Atom *("." Atom)`.
-fn is_dot_string(s: &str) -> bool {
+/// `Dot-string = Atom *("." Atom)`: no empty atoms, so no leading, trailing
+/// or doubled dots.
+pub fn is_dot_string(s: &str) -> bool {
     !s.is_empty()
         && s.split('.')
             .all(|atom| !atom.is_empty() && atom.bytes().all(is_atext))
@@ -406,7 +410,10 @@ pub fn parse_host(s: &str) -> Result<Host, AddressError> {
     canonical_domain(s).map(Host::Name)
 }
 
-fn parse_literal(inner: &str) -> Result<IpAddr, AddressError> {
+/// Parses the text inside the brackets of an address literal
+/// (`192.0.2.1`, `IPv6:2001:db8::1`); general literals (`tag:text`) are
+/// refused.
+pub fn parse_literal(inner: &str) -> Result<IpAddr, AddressError> {
     let tag = inner.get(..5);
     if tag.is_some_and(|t| t.eq_ignore_ascii_case("IPv6:")) {
         let v6: Ipv6Addr = inner[5..]
@@ -469,8 +476,21 @@ fn check_ldh(ascii: &str) -> Result<(), AddressError> {
     if ascii.len() > MAX_DOMAIN {
         return Err(Syntax("domain too long"));
     }
-    let mut last = "";
-    for label in ascii.split('.') {
+    check_labels(ascii)?;
+    let last = ascii.rsplit('.').next().unwrap_or_default();
+    if last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(Syntax(
+            "domain looks like an IP address; use an address literal in brackets",
+        ));
+    }
+    Ok(())
+}
+
+/// Checks each label of an ASCII domain name (RFC 1035 §2.3.1 letters,
+/// digits and hyphen; no empty labels, so no leading, doubled or trailing
+/// dots). Case does not matter, so the name may be as sent.
+pub fn check_labels(name: &str) -> Result<(), AddressError> {
+    for label in name.split('.') {
         if label.is_empty() {
             return Err(Syntax("empty domain label"));
         }
@@ -485,12 +505,6 @@ fn check_ldh(ascii: &str) -> Result<(), AddressError> {
         {
             return Err(Syntax("bad domain label"));
         }
-        last = label;
-    }
-    if last.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Syntax(
-            "domain looks like an IP address; use an address literal in brackets",
-        ));
     }
     Ok(())
 }

@@ -20,7 +20,8 @@ use serde::Deserialize;
 
 use super::address::{self, DomainPattern, Role};
 use super::Mechanism;
-use crate::identity::{fmt_field, fmt_location, fold_case, strip_location, Account};
+use crate::identity::{fold_case, Account};
+use crate::located::Located;
 
 /// Which users and groups the identity sources know, so that a rule naming
 /// one that does not exist — usually a typo that would silently never
@@ -58,30 +59,24 @@ pub enum PolicyError {
         #[source]
         source: std::io::Error,
     },
-    /// `line` and `column` are 1-based; `field` is the path inside the
-    /// document, such as `rules[2].groups[0]`.
-    #[error("{origin}{}: {}{message}", fmt_location(*.line, *.column), fmt_field(.field))]
-    Invalid {
-        origin: String,
-        line: Option<usize>,
-        column: Option<usize>,
-        field: String,
-        message: String,
-    },
+    /// `field` is the path inside the document, such as
+    /// `rules[2].groups[0]`.
+    #[error(transparent)]
+    Invalid(Located),
 }
 
 impl PolicyError {
     /// The field path, for tests and for `relayguard check`.
     pub fn field(&self) -> Option<&str> {
         match self {
-            PolicyError::Invalid { field, .. } => Some(field),
+            PolicyError::Invalid(e) => Some(&e.field),
             PolicyError::Io { .. } => None,
         }
     }
 
     pub fn line(&self) -> Option<usize> {
         match self {
-            PolicyError::Invalid { line, .. } => *line,
+            PolicyError::Invalid(e) => e.line,
             PolicyError::Io { .. } => None,
         }
     }
@@ -143,35 +138,26 @@ pub(crate) fn parse(
         .lines()
         .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'));
     if blank {
-        return Err(PolicyError::Invalid {
-            origin: origin.to_owned(),
-            line: None,
-            column: None,
-            field: String::new(),
-            message: "the policy file is empty".into(),
-        });
+        return Err(PolicyError::Invalid(Located::new(
+            origin,
+            None,
+            None,
+            "",
+            "the policy file is empty",
+        )));
     }
     let _cx = CxGuard::install(known);
     let de = serde_norway::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
-        let field = e.path().to_string();
-        let inner = e.into_inner();
-        let loc = inner.location();
-        let mut message = strip_location(&inner.to_string());
+        let mut e = Located::from_yaml_error(origin, e);
         // serde_norway prefixes its own (shorter) path; ours is reported
         // separately.
-        if let Some((head, rest)) = message.split_once(": ") {
-            if !head.contains(' ') && field.starts_with(head) {
-                message = rest.to_owned();
+        if let Some((head, rest)) = e.message.split_once(": ") {
+            if !head.contains(' ') && e.field.starts_with(head) {
+                e.message = rest.to_owned();
             }
         }
-        PolicyError::Invalid {
-            origin: origin.to_owned(),
-            line: loc.as_ref().map(|l| l.line()),
-            column: loc.as_ref().map(|l| l.column()),
-            field,
-            message,
-        }
+        PolicyError::Invalid(e)
     })
 }
 

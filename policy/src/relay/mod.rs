@@ -115,14 +115,7 @@ pub struct Context<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SenderDecision {
     Accept,
-    Deny {
-        code: u16,
-        enhanced: (u8, u16, u16),
-        text: String,
-        rule: Option<String>,
-        /// A bounded label for metrics and logs.
-        reason: &'static str,
-    },
+    Deny(Refusal),
     /// `451 4.7.1`; see [`SenderDecision::reply`].
     RateLimited {
         retry_after: Duration,
@@ -147,26 +140,25 @@ pub enum RcptDecision {
         max_message_size: Option<u64>,
         check_header_from: bool,
     },
-    Deny {
-        code: u16,
-        enhanced: (u8, u16, u16),
-        text: String,
-        rule: Option<String>,
-        reason: &'static str,
-    },
+    Deny(Refusal),
     RateLimited {
         retry_after: Duration,
         rule: Option<String>,
     },
 }
 
-/// A refusal, before it is put in one of the decision enums.
-struct Refusal {
-    code: u16,
-    enhanced: (u8, u16, u16),
-    text: String,
-    rule: Option<String>,
-    reason: &'static str,
+/// Why MAIL FROM or RCPT TO was refused: one payload for both
+/// [`SenderDecision::Deny`] and [`RcptDecision::Deny`], since a refusal is
+/// built (and logged, and counted) the same way at either command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub enhanced: (u8, u16, u16),
+    pub text: String,
+    /// The rule that refused, if one did.
+    pub rule: Option<String>,
+    /// A bounded label for metrics and logs.
+    pub reason: &'static str,
 }
 
 impl Refusal {
@@ -212,25 +204,20 @@ impl Refusal {
 
 impl From<Refusal> for SenderDecision {
     fn from(r: Refusal) -> Self {
-        SenderDecision::Deny {
-            code: r.code,
-            enhanced: r.enhanced,
-            text: r.text,
-            rule: r.rule,
-            reason: r.reason,
-        }
+        SenderDecision::Deny(r)
     }
 }
 
 impl From<Refusal> for RcptDecision {
     fn from(r: Refusal) -> Self {
-        RcptDecision::Deny {
-            code: r.code,
-            enhanced: r.enhanced,
-            text: r.text,
-            rule: r.rule,
-            reason: r.reason,
-        }
+        RcptDecision::Deny(r)
+    }
+}
+
+impl Refusal {
+    /// Code, enhanced code and text of the reply to send.
+    fn reply(&self) -> (u16, (u8, u16, u16), String) {
+        (self.code, self.enhanced, self.text.clone())
     }
 }
 
@@ -256,7 +243,7 @@ impl SenderDecision {
     pub fn label(&self) -> &'static str {
         match self {
             SenderDecision::Accept => "accepted",
-            SenderDecision::Deny { reason, .. } => reason,
+            SenderDecision::Deny(r) => r.reason,
             SenderDecision::RateLimited { .. } => "rate_limited",
         }
     }
@@ -265,12 +252,7 @@ impl SenderDecision {
     pub fn reply(&self) -> (u16, (u8, u16, u16), String) {
         match self {
             SenderDecision::Accept => (250, (2, 1, 0), "Sender OK".into()),
-            SenderDecision::Deny {
-                code,
-                enhanced,
-                text,
-                ..
-            } => (*code, *enhanced, text.clone()),
+            SenderDecision::Deny(r) => r.reply(),
             SenderDecision::RateLimited { retry_after, rule } => {
                 (451, (4, 7, 1), retry_text(*retry_after, rule))
             }
@@ -291,7 +273,7 @@ impl RcptDecision {
         match self {
             RcptDecision::AcceptLocal { .. } => "local",
             RcptDecision::AcceptRelay { .. } => "relay",
-            RcptDecision::Deny { reason, .. } => reason,
+            RcptDecision::Deny(r) => r.reason,
             RcptDecision::RateLimited { .. } => "rate_limited",
         }
     }
@@ -301,7 +283,7 @@ impl RcptDecision {
         match self {
             RcptDecision::AcceptLocal { .. } => None,
             RcptDecision::AcceptRelay { rule, .. } => Some(rule),
-            RcptDecision::Deny { rule, .. } | RcptDecision::RateLimited { rule, .. } => {
+            RcptDecision::Deny(Refusal { rule, .. }) | RcptDecision::RateLimited { rule, .. } => {
                 rule.as_deref()
             }
         }
@@ -314,12 +296,7 @@ impl RcptDecision {
             RcptDecision::AcceptLocal { .. } | RcptDecision::AcceptRelay { .. } => {
                 (250, (2, 1, 5), "Recipient OK".into())
             }
-            RcptDecision::Deny {
-                code,
-                enhanced,
-                text,
-                ..
-            } => (*code, *enhanced, text.clone()),
+            RcptDecision::Deny(r) => r.reply(),
             RcptDecision::RateLimited { retry_after, rule } => {
                 (451, (4, 7, 1), retry_text(*retry_after, rule))
             }
@@ -629,15 +606,17 @@ impl Policy {
     /// check this itself because listeners live in the gateway's
     /// configuration.
     pub fn check_listeners(&self, known: &[&str]) -> Result<(), PolicyError> {
-        let unknown = |field: String, name: &str| PolicyError::Invalid {
-            origin: self.origin.clone(),
-            line: None,
-            column: None,
-            field,
-            message: format!(
-                "no listener is named `{name}` (listeners: {})",
-                known.join(", ")
-            ),
+        let unknown = |field: String, name: &str| {
+            PolicyError::Invalid(crate::located::Located::new(
+                self.origin.clone(),
+                None,
+                None,
+                field,
+                format!(
+                    "no listener is named `{name}` (listeners: {})",
+                    known.join(", ")
+                ),
+            ))
         };
         for name in &self.listener_names {
             if !known.contains(&name.as_str()) {

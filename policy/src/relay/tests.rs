@@ -218,12 +218,7 @@ fn rcpt_summary(d: &RcptDecision) -> String {
     match d {
         RcptDecision::AcceptLocal { .. } => "local".into(),
         RcptDecision::AcceptRelay { rule, .. } => format!("relay {rule}"),
-        RcptDecision::Deny {
-            code,
-            enhanced: (a, b, c),
-            reason,
-            ..
-        } => format!("{code} {a}.{b}.{c} {reason}"),
+        RcptDecision::Deny(r) => refusal_summary(r),
         RcptDecision::RateLimited { rule, .. } => {
             format!("451 4.7.1 rate_limited {}", rule.as_deref().unwrap_or("-"))
         }
@@ -233,16 +228,16 @@ fn rcpt_summary(d: &RcptDecision) -> String {
 fn sender_summary(d: &SenderDecision) -> String {
     match d {
         SenderDecision::Accept => "250".into(),
-        SenderDecision::Deny {
-            code,
-            enhanced: (a, b, c),
-            reason,
-            ..
-        } => format!("{code} {a}.{b}.{c} {reason}"),
+        SenderDecision::Deny(r) => refusal_summary(r),
         SenderDecision::RateLimited { rule, .. } => {
             format!("451 4.7.1 rate_limited {}", rule.as_deref().unwrap_or("-"))
         }
     }
+}
+
+fn refusal_summary(r: &Refusal) -> String {
+    let (a, b, c) = r.enhanced;
+    format!("{} {a}.{b}.{c} {}", r.code, r.reason)
 }
 
 const ALICE: &str = "DEMO\\alice";

@@ -68,30 +68,36 @@ pub enum Cmd {
 pub enum PolicyCmd {
     /// Show the decision for one envelope, the rule that matched and why
     /// each earlier rule did not. Exit status 0 = allowed, 1 = denied.
-    Explain {
-        #[arg(long, short)]
-        config: PathBuf,
-        /// Authenticated user (`alice`, `DOMAIN\alice`); omit for an
-        /// unauthenticated client.
-        #[arg(long)]
-        user: Option<String>,
-        /// Client address.
-        #[arg(long)]
-        client: std::net::IpAddr,
-        #[arg(long)]
-        from: String,
-        #[arg(long)]
-        to: String,
-        /// Listener name (default: the first listener).
-        #[arg(long)]
-        listener: Option<String>,
-        /// Authentication mechanism (ntlm, plain, login).
-        #[arg(long, default_value = "ntlm")]
-        mechanism: String,
-        /// The session is over TLS.
-        #[arg(long)]
-        tls: bool,
-    },
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ExplainArgs {
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Authenticated user (`alice`, `DOMAIN\alice`); omit for an
+    /// unauthenticated client.
+    #[arg(long)]
+    user: Option<String>,
+    /// Client address.
+    #[arg(long)]
+    client: std::net::IpAddr,
+    #[arg(long)]
+    from: String,
+    #[arg(long)]
+    to: String,
+    /// Listener name (default: the first listener).
+    #[arg(long)]
+    listener: Option<String>,
+    /// Authentication mechanism (ntlm, plain, login).
+    #[arg(long, default_value = "ntlm")]
+    mechanism: String,
+    /// The session is over TLS.
+    #[arg(long)]
+    tls: bool,
+    /// The message size declared with `SIZE=` at MAIL FROM, in bytes.
+    #[arg(long)]
+    size: Option<u64>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -127,29 +133,9 @@ pub fn main() -> ExitCode {
             Cmd::Check { config } => check(&config),
             Cmd::HashPassword => hash_password(),
             Cmd::Policy {
-                command:
-                    PolicyCmd::Explain {
-                        config,
-                        user,
-                        client,
-                        from,
-                        to,
-                        listener,
-                        mechanism,
-                        tls,
-                    },
+                command: PolicyCmd::Explain(args),
             } => {
-                let allowed = explain(
-                    &config,
-                    user.as_deref(),
-                    client,
-                    &from,
-                    &to,
-                    listener,
-                    &mechanism,
-                    tls,
-                )
-                .await?;
+                let allowed = explain(args).await?;
                 if !allowed {
                     std::process::exit(1);
                 }
@@ -236,22 +222,23 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 /// `relayguard policy explain`: who the user is comes from the identity
 /// source, exactly as at AUTH time.
-#[allow(clippy::too_many_arguments)]
-async fn explain(
-    path: &Path,
-    user: Option<&str>,
-    client: std::net::IpAddr,
-    from: &str,
-    to: &str,
-    listener: Option<String>,
-    mechanism: &str,
-    tls: bool,
-) -> anyhow::Result<bool> {
-    let (config, policy) = Config::load(path)?;
+async fn explain(args: ExplainArgs) -> anyhow::Result<bool> {
+    let ExplainArgs {
+        config: path,
+        user,
+        client,
+        from,
+        to,
+        listener,
+        mechanism,
+        tls,
+        size,
+    } = args;
+    let (config, policy) = Config::load(&path)?;
     let listener = listener.unwrap_or_else(|| config.listeners[0].name.clone());
-    let mechanism = policy::relay::Mechanism::from_name(mechanism)
+    let mechanism = policy::relay::Mechanism::from_name(&mechanism)
         .ok_or_else(|| anyhow::anyhow!("unknown mechanism `{mechanism}`"))?;
-    let principal = match user {
+    let principal = match user.as_deref() {
         None => None,
         Some(login) => Some(lookup_principal(&config, login, mechanism).await?),
     };
@@ -260,8 +247,9 @@ async fn explain(
         client_ip: client,
         listener: &listener,
         tls,
+        declared_size: size,
     };
-    let explanation = policy.explain(&ctx, from, to);
+    let explanation = policy.explain(&ctx, &from, &to);
     println!("{explanation}");
     Ok(explanation.is_allowed())
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use policy::relay::DEMO_POLICY;
 use relayguard_e2e::ntlm::{self, ClientOptions};
+use relayguard_e2e::prometheus::{metrics_addr, scrape_value};
 use relayguard_e2e::{
     curl, nmap, relayguard_bin, test_cert, write_file, Account, Client, Config, Gateway,
     IdentitySource, SambaDc, Sink, SinkMessage, ALICE, BOB, TIMEOUT,
@@ -1009,7 +1010,10 @@ fn rule_max_message_size_is_enforced() {
          \x20   groups: [relay-senders]\n\
          \x20   recipient_domains: [\"*\"]\n\
          \x20   max_message_size: 2 KiB\n",
-        |c| c.set("limits.max_message_size", "100000"),
+        |c| {
+            c.set("limits.max_message_size", "100000")
+                .set("metrics.address", "127.0.0.1:0")
+        },
     );
     let mut c = f.ntlm(&ALICE);
     // Relayed: the rule's 2 KiB.
@@ -1034,22 +1038,44 @@ fn rule_max_message_size_is_enforced() {
     // A declared SIZE over the global limit is refused at MAIL.
     c.send("MAIL FROM:<alice@example.test> SIZE=200000")
         .expect("552 5.3.4");
-    // A declared SIZE over the rule's limit: refused at RCPT (RFC 1870
-    // allows it) or, at the latest, after the dot.
+    // A declared SIZE over the rule's limit (RFC 1870): that recipient is
+    // refused at RCPT, before any data; a local one in the same
+    // transaction still gets the message.
     c.send("MAIL FROM:<alice@example.test> SIZE=4000")
         .expect("250 2.1.0");
-    c.rcpt("friend@ext.test");
-    let r = c.read_reply();
-    if r.code == 250 {
-        c.data_body(&body_of("declared-too-big", 4000))
-            .expect("552 5.3.4");
-    } else {
-        assert!(r.first().starts_with("552 5.3.4"), "{}", c.transcript());
-    }
+    c.rcpt("friend@ext.test").expect(
+        "552 5.3.4 Message size 4000 exceeds the limit of rule relay-senders (2048 bytes) for this recipient",
+    );
+    c.rcpt("y@example.test").expect("250");
+    c.data_body(&body_of("declared-big", 4000)).expect("250");
+    // Declared within the limit: relayed as before.
+    c.send("MAIL FROM:<alice@example.test> SIZE=1500")
+        .expect("250 2.1.0");
+    c.rcpt("friend@ext.test").expect("250");
+    c.data_body(&body_of("declared-small", 1000)).expect("250");
     c.send("QUIT").expect("221");
-    let msgs = f.delivered(2);
+    let msgs = f.delivered(4);
     assert_eq!(by_subject(&msgs, "small").rcpt_to(), ["friend@ext.test"]);
     assert_eq!(by_subject(&msgs, "local-big").rcpt_to(), ["x@example.test"]);
+    assert_eq!(
+        by_subject(&msgs, "declared-big").rcpt_to(),
+        ["y@example.test"]
+    );
+    assert_eq!(
+        by_subject(&msgs, "declared-small").rcpt_to(),
+        ["friend@ext.test"]
+    );
+    // Counted as a policy refusal with its own reason.
+    let refused = scrape_value(
+        metrics_addr(&f.gw),
+        "relayguard_relay_decisions_total",
+        &[
+            ("decision", "deny"),
+            ("reason", "message_too_large"),
+            ("rule", "relay-senders"),
+        ],
+    );
+    assert_eq!(refused, Some(1.0));
 }
 
 // ---------------------------------------------------------------- reload
@@ -1306,6 +1332,48 @@ fn explain(config: &Path, extra: &[&str]) -> (Output, String) {
     let out = relayguard(&args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     (out, text)
+}
+
+/// `--size` is the `SIZE=` of MAIL FROM: over the matched rule's limit the
+/// answer is the refusal the client would get at RCPT.
+#[test]
+fn policy_explain_answers_for_a_declared_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(
+        dir.path(),
+        "local_domains: [example.test]\n\
+         rules:\n\
+         \x20 - name: relay-senders\n\
+         \x20   groups: [relay-senders]\n\
+         \x20   recipient_domains: [\"*\"]\n\
+         \x20   max_message_size: 1 MiB\n",
+    );
+    let args = |size: &'static str| {
+        [
+            "--user",
+            "alice",
+            "--client",
+            "10.1.2.3",
+            "--from",
+            "alice@example.test",
+            "--to",
+            "x@ext.test",
+            "--size",
+            size,
+        ]
+    };
+    let (out, text) = explain(&config, &args("1048576"));
+    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
+    assert!(
+        text.contains("decision:  ALLOW (relay by `relay-senders`)"),
+        "{text}"
+    );
+    let (out, text) = explain(&config, &args("1048577"));
+    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
+    assert!(
+        text.contains("decision:  DENY 552 5.3.4 Message size 1048577 exceeds the limit of rule relay-senders (1048576 bytes) for this recipient"),
+        "{text}"
+    );
 }
 
 #[test]

@@ -863,6 +863,10 @@ impl<S: Transport> Session<S> {
             client_ip: self.conv.peer.ip(),
             listener: &self.conv.listener.name,
             tls: self.conv.tls.is_some(),
+            declared_size: match &self.state {
+                State::Transaction(tx) => tx.params.size,
+                _ => None,
+            },
         }
     }
 

@@ -38,6 +38,8 @@ fuzz_target!(|data: &[u8]| {
                     client_ip: ip.parse::<IpAddr>().unwrap(),
                     listener: "smtp",
                     tls: true,
+                    // With and without a declared size (a rule's limit).
+                    declared_size: (ip == "10.1.2.3").then_some(1 << 20),
                 };
                 for to in [
                     "x@example.test",

@@ -109,6 +109,10 @@ pub struct Context<'a> {
     /// The listener's name from the gateway configuration.
     pub listener: &'a str,
     pub tls: bool,
+    /// The message size the client declared with `SIZE=` at MAIL FROM
+    /// (RFC 1870), if it did: a recipient whose rule allows less is refused
+    /// at RCPT (552 5.3.4) instead of the whole message after its data.
+    pub declared_size: Option<u64>,
 }
 
 /// The answer at MAIL FROM.
@@ -1024,6 +1028,24 @@ impl Policy {
                     ),
                     r,
                     "too_many_recipients",
+                )
+                .into();
+            }
+        }
+        if let (Some(max), Some(size)) = (rule.max_message_size, p.declared_size) {
+            if size > max {
+                // RFC 1870 §6.1: 552 for a declared size the server will
+                // not take; for this recipient only, so the client can send
+                // to the others.
+                return Refusal::new(
+                    552,
+                    (5, 3, 4),
+                    format!(
+                        "Message size {size} exceeds the limit of rule {} ({max} bytes) for this recipient",
+                        rule.name
+                    ),
+                    r,
+                    "message_too_large",
                 )
                 .into();
             }

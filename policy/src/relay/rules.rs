@@ -97,6 +97,7 @@ pub(crate) struct Prepared<'a> {
     pub ip: IpAddr,
     pub listener: &'a str,
     pub tls: bool,
+    pub declared_size: Option<u64>,
 }
 
 impl<'a> Prepared<'a> {
@@ -111,6 +112,7 @@ impl<'a> Prepared<'a> {
             ip: ctx.client_ip.to_canonical(),
             listener: ctx.listener,
             tls: ctx.tls,
+            declared_size: ctx.declared_size,
         }
     }
 }

@@ -659,6 +659,7 @@ fn decision_table() {
             client_ip: row.ip.parse::<IpAddr>().unwrap(),
             listener: row.listener,
             tls: row.tls,
+            declared_size: None,
         };
         let got = match row.op {
             Op::Advance(secs) => {
@@ -698,12 +699,72 @@ fn decision_table() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
+/// RFC 1870: a declared size above a recipient's rule limit refuses that
+/// recipient at RCPT (552 5.3.4), counts nothing against its rates, and
+/// leaves recipients under other rules (and local ones) alone.
+#[test]
+fn a_declared_size_above_the_rule_limit_refuses_the_recipient() {
+    let policy = policy();
+    let clock = ManualClock::default();
+    let limits = RateLimiter::new();
+    let carol = principal(CAROL);
+    let with_size = |size: Option<u64>| Context {
+        declared_size: size,
+        ..ctx(Some(&carol), INTERNET)
+    };
+    let rcpt = |size, to| {
+        policy.check_recipient(
+            &with_size(size),
+            "carol@example.test",
+            to,
+            0,
+            clock.now(),
+            &limits,
+        )
+    };
+    let limit = 10u64 << 20;
+    for size in [None, Some(1), Some(limit)] {
+        assert!(rcpt(size, "a@partner.test").is_accept(), "{size:?}");
+    }
+    let d = rcpt(Some(limit + 1), "a@partner.test");
+    assert_eq!(
+        d,
+        RcptDecision::Deny(Refusal {
+            code: 552,
+            enhanced: (5, 3, 4),
+            text: format!(
+                "Message size {} exceeds the limit of rule partners-only ({limit} bytes) for this recipient",
+                limit + 1
+            ),
+            rule: Some("partners-only".into()),
+            reason: "message_too_large",
+        })
+    );
+    let (code, e, _) = d.reply();
+    assert_eq!((code, e), (552, (5, 3, 4)));
+    // Local recipients have no rule limit (the global one applies at MAIL).
+    assert!(rcpt(Some(limit * 4), "bob@example.test").is_accept());
+    // The explanation says the same.
+    let e = policy.explain(
+        &with_size(Some(limit + 1)),
+        "carol@example.test",
+        "a@partner.test",
+    );
+    assert!(!e.is_allowed());
+    assert!(
+        e.to_string()
+            .contains("exceeds the limit of rule partners-only"),
+        "{e}"
+    );
+}
+
 fn ctx<'a>(p: Option<&'a Principal>, ip: &str) -> Context<'a> {
     Context {
         principal: p,
         client_ip: ip.parse().unwrap(),
         listener: "smtp",
         tls: false,
+        declared_size: None,
     }
 }
 
@@ -1290,6 +1351,7 @@ decision:  ALLOW (relay by `partners-only`)"
         client_ip: "10.1.2.3".parse().unwrap(),
         listener: "smtp",
         tls: false,
+        declared_size: None,
     };
     let e = policy.explain(&c, "dave@example.test", "x@ext.test");
     assert!(!e.is_allowed());
@@ -1419,6 +1481,7 @@ fn policy_benchmark() {
             client_ip: IpAddr::from([10, 0, (i / 256 % 256) as u8, (i % 256) as u8]),
             listener: "smtp",
             tls: true,
+            declared_size: None,
         };
         let from = &p.addresses[0];
         let d = policy.check_recipient(

@@ -150,6 +150,20 @@ impl Fixture {
         )
     }
 
+    /// Alice's AUTH NTLM on `c` succeeds (235), and a [`probe`] tagged
+    /// `tag` then reaches the backend as the only message, hers, with
+    /// `protocol`: the session is usable after whatever came before.
+    fn ntlm_as_alice_then_probe(&self, c: &mut Client, tag: &str, protocol: &str) {
+        ntlm::send_auth(
+            c,
+            &ntlm::creds(&self.source.alice()),
+            ClientOptions::default(),
+        );
+        c.expect("235 2.7.0");
+        probe(c, tag);
+        self.assert_authenticated(&self.received(1, tag), protocol);
+    }
+
     /// The session was alice's, and `protocol` (RFC 3848) says so. In the
     /// Received header the backslash is a quoted-pair inside the comment.
     fn assert_authenticated(&self, received: &str, protocol: &str) {
@@ -530,10 +544,7 @@ fn auth_before_starttls_is_refused_when_the_listener_requires_tls() {
     c.starttls("localhost");
     let after = c.ehlo("client.test").expect("250");
     assert_eq!(auth_lines(&after), ["AUTH NTLM LOGIN PLAIN"], "{after:?}");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "tls");
-    f.assert_authenticated(&f.received(1, "tls"), "ESMTPSA");
+    f.ntlm_as_alice_then_probe(&mut c, "tls", "ESMTPSA");
 }
 
 // ---------------------------------------------------------------- AUTH NTLM framing
@@ -582,10 +593,7 @@ fn star_cancels_and_the_session_goes_on() {
     ntlm::challenge(&mut c, &hs.negotiate(), false);
     c.send("*").expect("501 5.7.0 Authentication cancelled");
     c.send("NOOP").expect("250");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "cancel");
-    f.assert_authenticated(&f.received(1, "cancel"), "ESMTPA");
+    f.ntlm_as_alice_then_probe(&mut c, "cancel", "ESMTPA");
 }
 
 #[test]
@@ -612,10 +620,7 @@ fn invalid_base64_and_malformed_ntlmssp_get_501_and_the_session_goes_on() {
     c.send(&format!("AUTH NTLM {}", ntlm::b64(&auth)))
         .expect("501 5.5.2");
     c.send("NOOP").expect("250");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "after");
-    f.assert_authenticated(&f.received(1, "after"), "ESMTPA");
+    f.ntlm_as_alice_then_probe(&mut c, "after", "ESMTPA");
 }
 
 #[test]

@@ -377,7 +377,14 @@ fn disabled_account_is_refused_with_the_same_535() {
 
 /// curl's `AUTH NTLM`, over plain SMTP or (`tls`) after STARTTLS.
 fn curl_ntlm(f: &Fixture, login: &str, tls: bool) -> Output {
-    let body = body_file(&f.gw, "curl-ntlm");
+    curl_auth(f, "NTLM", login, tls)
+}
+
+/// curl sending one message to x@example.test with `AUTH mechanism` as
+/// `login` (`DOMAIN\user:password`), over plain SMTP or (`tls`) after
+/// STARTTLS; the message's subject is `curl-<mechanism>`.
+fn curl_auth(f: &Fixture, mechanism: &str, login: &str, tls: bool) -> Output {
+    let body = body_file(&f.gw, &format!("curl-{}", mechanism.to_lowercase()));
     let mut args: Vec<String> = vec!["-v".into(), "--max-time".into(), "30".into()];
     if tls {
         args.extend(["--ssl-reqd".into(), "-k".into()]);
@@ -385,7 +392,7 @@ fn curl_ntlm(f: &Fixture, login: &str, tls: bool) -> Output {
     args.extend([
         format!("smtp://{}/client.test", f.smtp()),
         "--login-options".into(),
-        "AUTH=NTLM".into(),
+        format!("AUTH={mechanism}"),
         "-u".into(),
         login.into(),
         "--mail-from".into(),
@@ -460,27 +467,9 @@ fn swaks_ntlm_v1_is_accepted_when_allowed_and_logged_as_weak() {
 
 // ---------------------------------------------------------------- curl PLAIN
 
+/// curl's `AUTH PLAIN`, after STARTTLS.
 fn curl_plain(f: &Fixture, login: &str) -> Output {
-    let body = body_file(&f.gw, "curl-plain");
-    let args: Vec<String> = vec![
-        "-v".into(),
-        "--max-time".into(),
-        "30".into(),
-        "--ssl-reqd".into(),
-        "-k".into(),
-        format!("smtp://{}/client.test", f.smtp()),
-        "--login-options".into(),
-        "AUTH=PLAIN".into(),
-        "-u".into(),
-        login.into(),
-        "--mail-from".into(),
-        "curl@client.test".into(),
-        "--mail-rcpt".into(),
-        "x@example.test".into(),
-        "--upload-file".into(),
-        body,
-    ];
-    curl(&args)
+    curl_auth(f, "PLAIN", login, true)
 }
 
 // ---------------------------------------------------------------- PLAIN / LOGIN on the raw client

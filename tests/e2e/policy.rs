@@ -872,9 +872,10 @@ fn client_rate_limit_refuses_the_third_message_with_a_retry_hint() {
     assert_eq!(msgs.len(), 3);
 }
 
-#[test]
-fn rule_recipient_rate_limits_relaying_per_principal() {
-    let f = start(
+/// A policy where the group relay-senders (alice) relays anywhere, sender
+/// bound to the directory, under one rate of its rule (a YAML mapping).
+fn relay_senders_with_rate(rate: &str) -> String {
+    format!(
         "local_domains: [example.test]\n\
          sender_binding:\n\
          \x20 senders: [directory]\n\
@@ -883,8 +884,15 @@ fn rule_recipient_rate_limits_relaying_per_principal() {
          \x20   groups: [relay-senders]\n\
          \x20   recipient_domains: [\"*\"]\n\
          \x20   rates:\n\
-         \x20     - {per: principal, window: 1h, recipients: 3}\n",
-    );
+         \x20     - {rate}\n"
+    )
+}
+
+#[test]
+fn rule_recipient_rate_limits_relaying_per_principal() {
+    let f = start(&relay_senders_with_rate(
+        "{per: principal, window: 1h, recipients: 3}",
+    ));
     let mut c = f.ntlm(&ALICE);
     c.mail("alice@example.test").expect("250 2.1.0");
     for i in 0..3 {
@@ -928,17 +936,9 @@ fn rule_recipient_rate_limits_relaying_per_principal() {
 /// relayed part of the message free.
 #[test]
 fn rule_message_rate_counts_messages_whose_first_recipient_is_local() {
-    let f = start(
-        "local_domains: [example.test]\n\
-         sender_binding:\n\
-         \x20 senders: [directory]\n\
-         rules:\n\
-         \x20 - name: relay-senders\n\
-         \x20   groups: [relay-senders]\n\
-         \x20   recipient_domains: [\"*\"]\n\
-         \x20   rates:\n\
-         \x20     - {per: principal, window: 1h, messages: 1}\n",
-    );
+    let f = start(&relay_senders_with_rate(
+        "{per: principal, window: 1h, messages: 1}",
+    ));
     let mut c = f.ntlm(&ALICE);
     send_message(
         &mut c,

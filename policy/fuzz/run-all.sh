@@ -1,32 +1,11 @@
 #!/usr/bin/env bash
-# Builds every fuzz target and runs each for SECONDS (default 30), starting
-# from the seeds in seeds/<target>/ (regenerate them with
+# Builds every fuzz target once, then runs each for SECONDS (default 30),
+# starting from the seeds in seeds/<target>/ (regenerate them with
 # `cargo test -p relayguard-policy -- --ignored write_fuzz_seeds`). New inputs
 # go to corpus/<target>/ and crashes to artifacts/<target>/ (git-ignored).
-#
-# cargo-fuzz needs nightly-only rustc flags (-Zsanitizer, coverage); on a
-# stable toolchain RUSTC_BOOTSTRAP=1 unlocks them.
+# Exits non-zero if any target finds a crash. The run itself is
+# tests/fuzz-local, shared with gateway/fuzz.
 set -euo pipefail
-
-seconds="${1:-30}"
-cd "$(dirname "$0")"
-export RUSTC_BOOTSTRAP="${RUSTC_BOOTSTRAP:-1}"
-
-if ! cargo fuzz --version >/dev/null 2>&1; then
-    echo "cargo-fuzz is not installed: cargo install cargo-fuzz" >&2
-    exit 1
-fi
-
-cargo fuzz build
-status=0
-for target in $(cargo fuzz list); do
-    echo "=== $target (${seconds}s)"
-    mkdir -p "corpus/$target"
-    # max_len just above the 64 KiB message cap, so the cap itself is fuzzed.
-    if ! cargo fuzz run "$target" "corpus/$target" "seeds/$target" -- \
-        -max_total_time="$seconds" -max_len=65600 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1; then
-        echo "=== $target FAILED" >&2
-        status=1
-    fi
-done
-exit "$status"
+here="$(cd "$(dirname "$0")" && pwd)"
+# -max_len just above the 64 KiB message cap, so the cap itself is fuzzed.
+exec "$here/../../tests/fuzz-local" "$here" 65600 "${1:-30}"

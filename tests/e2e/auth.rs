@@ -150,6 +150,20 @@ impl Fixture {
         )
     }
 
+    /// Alice's AUTH NTLM on `c` succeeds (235), and a [`probe`] tagged
+    /// `tag` then reaches the backend as the only message, hers, with
+    /// `protocol`: the session is usable after whatever came before.
+    fn ntlm_as_alice_then_probe(&self, c: &mut Client, tag: &str, protocol: &str) {
+        ntlm::send_auth(
+            c,
+            &ntlm::creds(&self.source.alice()),
+            ClientOptions::default(),
+        );
+        c.expect("235 2.7.0");
+        probe(c, tag);
+        self.assert_authenticated(&self.received(1, tag), protocol);
+    }
+
     /// The session was alice's, and `protocol` (RFC 3848) says so. In the
     /// Received header the backslash is a quoted-pair inside the comment.
     fn assert_authenticated(&self, received: &str, protocol: &str) {
@@ -363,7 +377,14 @@ fn disabled_account_is_refused_with_the_same_535() {
 
 /// curl's `AUTH NTLM`, over plain SMTP or (`tls`) after STARTTLS.
 fn curl_ntlm(f: &Fixture, login: &str, tls: bool) -> Output {
-    let body = body_file(&f.gw, "curl-ntlm");
+    curl_auth(f, "NTLM", login, tls)
+}
+
+/// curl sending one message to x@example.test with `AUTH mechanism` as
+/// `login` (`DOMAIN\user:password`), over plain SMTP or (`tls`) after
+/// STARTTLS; the message's subject is `curl-<mechanism>`.
+fn curl_auth(f: &Fixture, mechanism: &str, login: &str, tls: bool) -> Output {
+    let body = body_file(&f.gw, &format!("curl-{}", mechanism.to_lowercase()));
     let mut args: Vec<String> = vec!["-v".into(), "--max-time".into(), "30".into()];
     if tls {
         args.extend(["--ssl-reqd".into(), "-k".into()]);
@@ -371,7 +392,7 @@ fn curl_ntlm(f: &Fixture, login: &str, tls: bool) -> Output {
     args.extend([
         format!("smtp://{}/client.test", f.smtp()),
         "--login-options".into(),
-        "AUTH=NTLM".into(),
+        format!("AUTH={mechanism}"),
         "-u".into(),
         login.into(),
         "--mail-from".into(),
@@ -446,27 +467,9 @@ fn swaks_ntlm_v1_is_accepted_when_allowed_and_logged_as_weak() {
 
 // ---------------------------------------------------------------- curl PLAIN
 
+/// curl's `AUTH PLAIN`, after STARTTLS.
 fn curl_plain(f: &Fixture, login: &str) -> Output {
-    let body = body_file(&f.gw, "curl-plain");
-    let args: Vec<String> = vec![
-        "-v".into(),
-        "--max-time".into(),
-        "30".into(),
-        "--ssl-reqd".into(),
-        "-k".into(),
-        format!("smtp://{}/client.test", f.smtp()),
-        "--login-options".into(),
-        "AUTH=PLAIN".into(),
-        "-u".into(),
-        login.into(),
-        "--mail-from".into(),
-        "curl@client.test".into(),
-        "--mail-rcpt".into(),
-        "x@example.test".into(),
-        "--upload-file".into(),
-        body,
-    ];
-    curl(&args)
+    curl_auth(f, "PLAIN", login, true)
 }
 
 // ---------------------------------------------------------------- PLAIN / LOGIN on the raw client
@@ -530,10 +533,7 @@ fn auth_before_starttls_is_refused_when_the_listener_requires_tls() {
     c.starttls("localhost");
     let after = c.ehlo("client.test").expect("250");
     assert_eq!(auth_lines(&after), ["AUTH NTLM LOGIN PLAIN"], "{after:?}");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "tls");
-    f.assert_authenticated(&f.received(1, "tls"), "ESMTPSA");
+    f.ntlm_as_alice_then_probe(&mut c, "tls", "ESMTPSA");
 }
 
 // ---------------------------------------------------------------- AUTH NTLM framing
@@ -582,10 +582,7 @@ fn star_cancels_and_the_session_goes_on() {
     ntlm::challenge(&mut c, &hs.negotiate(), false);
     c.send("*").expect("501 5.7.0 Authentication cancelled");
     c.send("NOOP").expect("250");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "cancel");
-    f.assert_authenticated(&f.received(1, "cancel"), "ESMTPA");
+    f.ntlm_as_alice_then_probe(&mut c, "cancel", "ESMTPA");
 }
 
 #[test]
@@ -612,10 +609,7 @@ fn invalid_base64_and_malformed_ntlmssp_get_501_and_the_session_goes_on() {
     c.send(&format!("AUTH NTLM {}", ntlm::b64(&auth)))
         .expect("501 5.5.2");
     c.send("NOOP").expect("250");
-    ntlm::send_auth(&mut c, &ntlm::creds(&ALICE), ClientOptions::default());
-    c.expect("235 2.7.0");
-    probe(&mut c, "after");
-    f.assert_authenticated(&f.received(1, "after"), "ESMTPA");
+    f.ntlm_as_alice_then_probe(&mut c, "after", "ESMTPA");
 }
 
 #[test]

@@ -4,11 +4,9 @@
 
 use std::path::Path;
 
-use relayguard_e2e::{
-    curl, swaks, test_cert, words, write_file, Client, Config, Gateway, Sink, TIMEOUT,
-};
+use relayguard_e2e::{curl, swaks, words, write_file, Client, TIMEOUT};
 
-use crate::{gateway_with_sink, BODY, HOST};
+use crate::{gateway_with_sink, tls_gateway_with_sink, BODY, HOST};
 
 /// BODY in a file, for curl (which sends a file as it is).
 fn body_file(dir: &Path) -> String {
@@ -100,14 +98,7 @@ fn curl_plain_is_delivered() {
 
 #[test]
 fn curl_starttls_is_delivered_with_esmtps() {
-    let sink = Sink::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert(dir.path());
-    let yaml = Config::new(&[sink.addr()])
-        .tls(&cert, &key)
-        .listener("smtp", &[("tls", "starttls")])
-        .yaml();
-    let gw = Gateway::start_in(dir, &yaml);
+    let (sink, gw, cert) = tls_gateway_with_sink("smtp", "starttls");
     let port = gw.addr("smtp").port();
     let body = body_file(gw.dir());
     let out = curl(&words(&format!(
@@ -129,14 +120,7 @@ fn curl_starttls_is_delivered_with_esmtps() {
 
 #[test]
 fn curl_implicit_tls_is_delivered_with_esmtps() {
-    let sink = Sink::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert(dir.path());
-    let yaml = Config::new(&[sink.addr()])
-        .tls(&cert, &key)
-        .listener("smtps", &[("tls", "implicit")])
-        .yaml();
-    let gw = Gateway::start_in(dir, &yaml);
+    let (sink, gw, _) = tls_gateway_with_sink("smtps", "implicit");
     let body = body_file(gw.dir());
     let out = curl(&words(&format!(
         "-sS --max-time 30 -k smtps://{}/client.test --mail-from alice@client.test \

@@ -20,7 +20,9 @@ mod protocol;
 mod proxy;
 mod tls;
 
-use relayguard_e2e::{config, Client, Gateway, Sink, SinkMessage, TIMEOUT};
+use std::path::PathBuf;
+
+use relayguard_e2e::{config, test_cert, Client, Config, Gateway, Sink, SinkMessage, TIMEOUT};
 
 /// The gateway's name in tests (`hostname` in [`relayguard_e2e::Config`]).
 const HOST: &str = "relay.test";
@@ -45,6 +47,21 @@ fn gateway_with_sink(extra: &[(&str, &str)]) -> (Sink, Gateway) {
     let sink = Sink::start(&[]);
     let gw = Gateway::start(&config(sink.addr(), extra));
     (sink, gw)
+}
+
+/// A smtp-sink backend and a gateway in front of it with one listener,
+/// `name`, set to `tls: mode` (`starttls` or `implicit`) with a fresh test
+/// certificate; also the certificate's path, for clients that check it.
+fn tls_gateway_with_sink(name: &str, mode: &str) -> (Sink, Gateway, PathBuf) {
+    let sink = Sink::start(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = test_cert(dir.path());
+    let yaml = Config::new(&[sink.addr()])
+        .tls(&cert, &key)
+        .listener(name, &[("tls", mode)])
+        .yaml();
+    let gw = Gateway::start_in(dir, &yaml);
+    (sink, gw, cert)
 }
 
 /// Sends one good message through the gateway and waits until the sink

@@ -873,9 +873,10 @@ fn client_rate_limit_refuses_the_third_message_with_a_retry_hint() {
     assert_eq!(msgs.len(), 3);
 }
 
-#[test]
-fn rule_recipient_rate_limits_relaying_per_principal() {
-    let f = start(
+/// A policy where the group relay-senders (alice) relays anywhere, sender
+/// bound to the directory, under one rate of its rule (a YAML mapping).
+fn relay_senders_with_rate(rate: &str) -> String {
+    format!(
         "local_domains: [example.test]\n\
          sender_binding:\n\
          \x20 senders: [directory]\n\
@@ -884,8 +885,15 @@ fn rule_recipient_rate_limits_relaying_per_principal() {
          \x20   groups: [relay-senders]\n\
          \x20   recipient_domains: [\"*\"]\n\
          \x20   rates:\n\
-         \x20     - {per: principal, window: 1h, recipients: 3}\n",
-    );
+         \x20     - {rate}\n"
+    )
+}
+
+#[test]
+fn rule_recipient_rate_limits_relaying_per_principal() {
+    let f = start(&relay_senders_with_rate(
+        "{per: principal, window: 1h, recipients: 3}",
+    ));
     let mut c = f.ntlm(&ALICE);
     c.mail("alice@example.test").expect("250 2.1.0");
     for i in 0..3 {
@@ -929,17 +937,9 @@ fn rule_recipient_rate_limits_relaying_per_principal() {
 /// relayed part of the message free.
 #[test]
 fn rule_message_rate_counts_messages_whose_first_recipient_is_local() {
-    let f = start(
-        "local_domains: [example.test]\n\
-         sender_binding:\n\
-         \x20 senders: [directory]\n\
-         rules:\n\
-         \x20 - name: relay-senders\n\
-         \x20   groups: [relay-senders]\n\
-         \x20   recipient_domains: [\"*\"]\n\
-         \x20   rates:\n\
-         \x20     - {per: principal, window: 1h, messages: 1}\n",
-    );
+    let f = start(&relay_senders_with_rate(
+        "{per: principal, window: 1h, messages: 1}",
+    ));
     let mut c = f.ntlm(&ALICE);
     send_message(
         &mut c,
@@ -1326,12 +1326,18 @@ rules:
     recipient_domains: [partner.test]
 ";
 
-fn explain(config: &Path, extra: &[&str]) -> (Output, String) {
-    let mut args = vec!["policy", "explain", "--config", config.to_str().unwrap()];
-    args.extend(extra);
-    let out = relayguard(&args);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    (out, text)
+/// Runs `relayguard policy explain` on `config` with `args` (split on
+/// white space); asserts its exit code (0: allowed, 1: denied) and that its
+/// output holds each of `says`.
+fn explain(config: &Path, args: &str, code: i32, says: &[&str]) {
+    let mut argv = vec!["policy", "explain", "--config", config.to_str().unwrap()];
+    argv.extend(args.split_whitespace());
+    let out = relayguard(&argv);
+    assert_eq!(out.status.code(), Some(code), "{}", output_text(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in says {
+        assert!(text.contains(line), "missing {line:?}:\n{text}");
+    }
 }
 
 /// `--size` is the `SIZE=` of MAIL FROM: over the matched rule's limit the
@@ -1380,119 +1386,58 @@ fn policy_explain_answers_for_a_declared_size() {
 fn policy_explain_names_the_rule_or_why_each_rule_did_not_match() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), EXPLAIN_POLICY);
-    let (out, text) = explain(
+    explain(
         &config,
+        "--user alice --client 10.1.2.3 --from alice@example.test --to x@ext.test",
+        0,
         &[
-            "--user",
-            "alice",
-            "--client",
-            "10.1.2.3",
-            "--from",
-            "alice@example.test",
-            "--to",
-            "x@ext.test",
+            "client:    DEMO\\alice (ntlm) from 10.1.2.3",
+            "rules[0] `relay-senders` (rule): MATCHED",
+            "decision:  ALLOW (relay by `relay-senders`)",
         ],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
-    assert!(
-        text.contains("client:    DEMO\\alice (ntlm) from 10.1.2.3"),
-        "{text}"
-    );
-    assert!(
-        text.contains("rules[0] `relay-senders` (rule): MATCHED"),
-        "{text}"
-    );
-    assert!(
-        text.contains("decision:  ALLOW (relay by `relay-senders`)"),
-        "{text}"
     );
 
-    let (out, text) = explain(
+    explain(
         &config,
+        "--user bob --client 192.0.2.7 --from bob@example.test --to x@ext.test",
+        1,
         &[
-            "--user",
-            "bob",
-            "--client",
-            "192.0.2.7",
-            "--from",
-            "bob@example.test",
-            "--to",
-            "x@ext.test",
+            "rules[0] `relay-senders` (rule): no match: DEMO\\bob is not in users [] nor in groups [relay-senders]",
+            "rules[1] `staff-partners` (rule): no match: ",
+            "authenticated with ntlm but the rule needs [plain]",
+            "client 192.0.2.7 is not in [10.0.0.0/8]",
+            "the session is not using TLS",
+            "ext.test is not in recipient_domains [partner.test]",
+            "no rule matched: default deny",
+            "decision:  DENY 550 5.7.1 Relaying denied: DEMO\\bob is authenticated but not permitted to relay to ext.test",
         ],
     );
-    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
-    for why in [
-        "rules[0] `relay-senders` (rule): no match: DEMO\\bob is not in users [] nor in groups [relay-senders]",
-        "rules[1] `staff-partners` (rule): no match: ",
-        "authenticated with ntlm but the rule needs [plain]",
-        "client 192.0.2.7 is not in [10.0.0.0/8]",
-        "the session is not using TLS",
-        "ext.test is not in recipient_domains [partner.test]",
-        "no rule matched: default deny",
-        "decision:  DENY 550 5.7.1 Relaying denied: DEMO\\bob is authenticated but not permitted to relay to ext.test",
-    ] {
-        assert!(text.contains(why), "missing {why:?}:\n{text}");
-    }
     // The same user in the circumstances the second rule wants.
-    let (out, text) = explain(
+    explain(
         &config,
+        "--user DEMO\\bob --client 10.9.8.7 --mechanism plain --tls --listener submission \
+         --from bob@example.test --to x@partner.test",
+        0,
         &[
-            "--user",
-            "DEMO\\bob",
-            "--client",
-            "10.9.8.7",
-            "--mechanism",
-            "plain",
-            "--tls",
-            "--listener",
-            "submission",
-            "--from",
-            "bob@example.test",
-            "--to",
-            "x@partner.test",
+            "listener submission, TLS",
+            "rules[1] `staff-partners` (rule): MATCHED",
         ],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
-    assert!(text.contains("listener submission, TLS"), "{text}");
-    assert!(
-        text.contains("rules[1] `staff-partners` (rule): MATCHED"),
-        "{text}"
     );
     // Sender binding is part of the decision.
-    let (out, text) = explain(
+    explain(
         &config,
+        "--user alice --client 10.1.2.3 --from bob@example.test --to x@ext.test",
+        1,
         &[
-            "--user",
-            "alice",
-            "--client",
-            "10.1.2.3",
-            "--from",
-            "bob@example.test",
-            "--to",
-            "x@ext.test",
+            "DENY 553 5.7.1 Sender address rejected: <bob@example.test> is not owned by DEMO\\alice",
         ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
-    assert!(
-        text.contains("DENY 553 5.7.1 Sender address rejected: <bob@example.test> is not owned by DEMO\\alice"),
-        "{text}"
     );
     // Unauthenticated, and a trick.
-    let (out, text) = explain(
+    explain(
         &config,
-        &[
-            "--client",
-            "10.1.2.3",
-            "--from",
-            "a@client.test",
-            "--to",
-            "user%ext.test@example.test",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
-    assert!(
-        text.contains("no match: the client did not authenticate"),
-        "{text}"
+        "--client 10.1.2.3 --from a@client.test --to user%ext.test@example.test",
+        1,
+        &["no match: the client did not authenticate"],
     );
 }
 
@@ -1778,37 +1723,22 @@ fn active_directory_groups_decide_who_relays() {
     assert_eq!(by_subject(&msgs, "bob").rcpt_to(), ["x@example.test"]);
 
     // `policy explain` asks the directory the same way.
-    let (out, text) = explain(
+    explain(
         &config_path,
-        &[
-            "--user",
-            "carol",
-            "--client",
-            "10.1.2.3",
-            "--from",
-            SambaDc::CAROL.mail,
-            "--to",
-            "x@ext.test",
-        ],
+        &format!(
+            "--user carol --client 10.1.2.3 --from {} --to x@ext.test",
+            SambaDc::CAROL.mail
+        ),
+        0,
+        &["`relay-senders` (rule): MATCHED"],
     );
-    assert_eq!(out.status.code(), Some(0), "{}", output_text(&out));
-    assert!(text.contains("`relay-senders` (rule): MATCHED"), "{text}");
-    let (out, text) = explain(
+    explain(
         &config_path,
-        &[
-            "--user",
-            "bob",
-            "--client",
-            "10.1.2.3",
-            "--from",
-            SambaDc::BOB.mail,
-            "--to",
-            "x@ext.test",
-        ],
-    );
-    assert_eq!(out.status.code(), Some(1), "{}", output_text(&out));
-    assert!(
-        text.contains("RGTEST\\bob is not in users [] nor in groups [relay-senders]"),
-        "{text}"
+        &format!(
+            "--user bob --client 10.1.2.3 --from {} --to x@ext.test",
+            SambaDc::BOB.mail
+        ),
+        1,
+        &["RGTEST\\bob is not in users [] nor in groups [relay-senders]"],
     );
 }

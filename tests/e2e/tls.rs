@@ -1,19 +1,12 @@
 //! STARTTLS done right: no plaintext injection (CVE-2011-0411 class), and
 //! nothing learned before TLS survives it.
 
-use relayguard_e2e::{test_cert, Client, Config, Gateway, Sink, TIMEOUT};
+use relayguard_e2e::{Client, Gateway, Sink, TIMEOUT};
 
-use crate::{BODY, HOST};
+use crate::{tls_gateway_with_sink, BODY, HOST};
 
 fn starttls_gateway() -> (Sink, Gateway) {
-    let sink = Sink::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert(dir.path());
-    let yaml = Config::new(&[sink.addr()])
-        .tls(&cert, &key)
-        .listener("smtp", &[("tls", "starttls")])
-        .yaml();
-    let gw = Gateway::start_in(dir, &yaml);
+    let (sink, gw, _) = tls_gateway_with_sink("smtp", "starttls");
     (sink, gw)
 }
 
@@ -69,14 +62,7 @@ fn starttls_discards_everything_learned_before() {
 
 #[test]
 fn implicit_tls_listener_greets_inside_tls() {
-    let sink = Sink::start(&[]);
-    let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = test_cert(dir.path());
-    let yaml = Config::new(&[sink.addr()])
-        .tls(&cert, &key)
-        .listener("smtps", &[("tls", "implicit")])
-        .yaml();
-    let gw = Gateway::start_in(dir, &yaml);
+    let (sink, gw, _) = tls_gateway_with_sink("smtps", "implicit");
     let mut c = Client::implicit_tls(gw.addr("smtps"), "localhost");
     c.expect("220");
     let ehlo = c.ehlo("client.test").expect("250");

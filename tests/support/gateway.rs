@@ -3,12 +3,13 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::tools::KillOnDrop;
 use crate::{wait_until, write_file, TIMEOUT};
 
 /// Path of the `relayguard` binary: `$RELAYGUARD_BIN`, or the one next to
@@ -36,7 +37,7 @@ pub fn relayguard_bin() -> PathBuf {
 /// A running gateway, killed on drop. Its JSON log lines (stderr) are
 /// collected as they come.
 pub struct Gateway {
-    child: Child,
+    child: KillOnDrop,
     dir: TempDir,
     config_path: PathBuf,
     logs: Arc<Mutex<Vec<String>>>,
@@ -84,6 +85,7 @@ impl Gateway {
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
+            .map(KillOnDrop::new)
             .expect("spawn relayguard");
         let logs = crate::tools::collect_lines(child.stderr.take().expect("piped stderr"));
         let mut gw = Gateway {
@@ -246,10 +248,8 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        if !self.has_exited() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        // Before printing, so that its last lines are in.
+        self.child.kill_now();
         if std::thread::panicking() {
             eprintln!(
                 "--- relayguard logs ---\n{}\n--- end of relayguard logs ---",

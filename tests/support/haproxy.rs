@@ -13,11 +13,12 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use tempfile::TempDir;
 
+use crate::tools::KillOnDrop;
 use crate::{free_port, wait_until, write_file, TIMEOUT};
 
 /// What HAProxy prepends to each connection toward the gateway.
@@ -64,7 +65,7 @@ impl Frontend {
 /// A running `haproxy -db`, killed on drop. Its log (stderr) is kept for
 /// failure messages.
 pub struct Haproxy {
-    child: Child,
+    child: KillOnDrop,
     _dir: TempDir,
     addrs: HashMap<String, SocketAddr>,
     logs: Arc<Mutex<Vec<String>>>,
@@ -148,6 +149,7 @@ impl Haproxy {
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .spawn()
+                .map(KillOnDrop::new)
                 .unwrap_or_else(|e| panic!("cannot run haproxy (Debian package haproxy): {e}"));
             let logs = crate::tools::collect_lines(child.stderr.take().expect("piped stderr"));
             let mut exited = false;
@@ -167,8 +169,7 @@ impl Haproxy {
                     logs,
                 };
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            drop(child);
             eprintln!(
                 "haproxy did not start; config:\n{text}\nlog:\n{}",
                 logs.lock().unwrap().join("\n")
@@ -193,8 +194,8 @@ impl Haproxy {
 
 impl Drop for Haproxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Before printing, so that its last lines are in.
+        self.child.kill_now();
         if std::thread::panicking() {
             eprintln!(
                 "--- haproxy log ---\n{}\n--- end of haproxy log ---",

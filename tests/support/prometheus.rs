@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::tools::KillOnDrop;
 use crate::{free_port, wait_until, write_file, Gateway, TIMEOUT};
 
 /// An HTTP response as the tests see it.
@@ -217,7 +218,8 @@ pub struct QueryResult {
 /// A private Prometheus server (Debian's `prometheus`), scraping the given
 /// targets every second, with its own data directory. Killed on drop.
 pub struct Prometheus {
-    child: Child,
+    /// Killed on drop.
+    _child: KillOnDrop,
     addr: SocketAddr,
     dir: TempDir,
     log: std::path::PathBuf,
@@ -279,6 +281,7 @@ impl Prometheus {
                 .stdout(Stdio::null())
                 .stderr(Stdio::from(log_file))
                 .spawn()
+                .map(KillOnDrop::new)
                 .unwrap_or_else(|e| {
                     panic!("cannot run prometheus (Debian package prometheus): {e}")
                 });
@@ -289,14 +292,12 @@ impl Prometheus {
             });
             if ready && !exited {
                 return Prometheus {
-                    child,
+                    _child: child,
                     addr,
                     dir,
                     log,
                 };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!(
             "prometheus did not become ready; config:\n{config}\nlog:\n{}",
@@ -394,17 +395,11 @@ impl Prometheus {
     }
 }
 
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `smtp-sink` on a chosen address, without a dump directory: a backend
 /// that can be stopped and started again on the same port. Killed on drop.
 pub struct PlainSink {
-    child: Child,
+    /// Killed on drop.
+    _child: KillOnDrop,
     addr: SocketAddr,
 }
 
@@ -429,6 +424,7 @@ impl PlainSink {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
+            .map(KillOnDrop::new)
             .unwrap_or_else(|e| panic!("cannot run smtp-sink (Debian package postfix): {e}"));
         let mut exited = false;
         let up = wait_until(TIMEOUT, || {
@@ -436,7 +432,10 @@ impl PlainSink {
             exited || TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok()
         });
         assert!(up && !exited, "smtp-sink did not start on {addr}");
-        PlainSink { child, addr }
+        PlainSink {
+            _child: child,
+            addr,
+        }
     }
 
     /// On a free loopback port.
@@ -446,13 +445,6 @@ impl PlainSink {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
-    }
-}
-
-impl Drop for PlainSink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -19,13 +19,14 @@ use std::net::{SocketAddr, TcpStream};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+use crate::tools::KillOnDrop;
 use crate::{wait_until, write_file, Account};
 
 /// One user of the test domain.
@@ -62,7 +63,7 @@ pub struct DcGroup {
 pub struct SambaDc {
     dir: TempDir,
     smb_conf: PathBuf,
-    child: Child,
+    child: KillOnDrop,
     /// samba exits when this closes.
     _stdin: ChildStdin,
     _lock: UnixListener,
@@ -199,6 +200,7 @@ impl SambaDc {
             .stdout(log_file.try_clone().expect("dup log"))
             .stderr(log_file)
             .spawn()
+            .map(KillOnDrop::new)
             .unwrap_or_else(|e| panic!("cannot run samba (Debian package samba-ad-dc): {e}"));
         let stdin = child.stdin.take().expect("piped stdin");
         let mut dc = SambaDc {
@@ -302,8 +304,8 @@ impl SambaDc {
 
 impl Drop for SambaDc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // Now, before the lock is released below.
+        self.child.kill_now();
         // The lock itself goes with `_lock`, after this.
         LOCK_HELD_HERE.store(false, Ordering::SeqCst);
     }

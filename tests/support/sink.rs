@@ -4,13 +4,14 @@ use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::tools::KillOnDrop;
 use crate::{free_port, wait_until, TIMEOUT};
 
 /// One message as smtp-sink captured it.
@@ -163,7 +164,8 @@ fn parse_dump(file: &Path, text: &str) -> SinkMessage {
 
 /// A running `smtp-sink`, killed on drop.
 pub struct Sink {
-    child: Child,
+    /// Killed on drop.
+    _child: KillOnDrop,
     addr: SocketAddr,
     dir: TempDir,
     delivered: Arc<AtomicUsize>,
@@ -216,6 +218,7 @@ impl Sink {
                 .stderr(Stdio::null());
             let mut child = cmd
                 .spawn()
+                .map(KillOnDrop::new)
                 .unwrap_or_else(|e| panic!("cannot run smtp-sink (Debian package postfix): {e}"));
             let delivered = Arc::new(AtomicUsize::new(0));
             let stdout = child.stdout.take().expect("piped stdout");
@@ -228,14 +231,12 @@ impl Sink {
             });
             if up && !exited {
                 return Sink {
-                    child,
+                    _child: child,
                     addr,
                     dir,
                     delivered,
                 };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("smtp-sink did not start (flags {extra_flags:?})");
     }
@@ -320,13 +321,6 @@ fn count_messages(mut stdout: impl Read, counter: &AtomicUsize) {
                 }
             }
         }
-    }
-}
-
-impl Drop for Sink {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

@@ -2,8 +2,9 @@
 
 use std::ffi::OsStr;
 use std::net::{SocketAddr, TcpListener};
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// How long any wait for the gateway or a peer may take. Generous, because
@@ -101,4 +102,43 @@ pub fn collect_lines(
         }
     });
     lines
+}
+
+/// A peer process (smtp-sink, haproxy, prometheus, samba, relayguard)
+/// that is killed and reaped when the guard is dropped, so that neither a
+/// finished nor a panicking test leaves it running. Derefs to the
+/// [`Child`].
+pub struct KillOnDrop(Child);
+
+impl KillOnDrop {
+    pub fn new(child: Child) -> KillOnDrop {
+        KillOnDrop(child)
+    }
+
+    /// Kills and reaps the process now (dropping does it too), for owners
+    /// that must do it before something else. A process that already
+    /// exited and was reaped is left alone: std does not signal it again.
+    pub fn kill_now(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
 }

@@ -534,20 +534,24 @@ fn every_single_bit_flip_of_a_mic_protected_message_fails() {
     fx.finish(server, &t3, None).unwrap();
 }
 
+// Edits of the target info (AV pairs) a client signs, as
+// `ClientOptions::edit_av_pairs` functions (hence `&mut Vec`).
+#[allow(clippy::ptr_arg)]
+fn change_domain(p: &mut Vec<AvPair>) {
+    for pair in p.iter_mut() {
+        if pair.id == av_id::NB_DOMAIN_NAME {
+            *pair = AvPair::name(av_id::NB_DOMAIN_NAME, "EVIL");
+        }
+    }
+}
+
+fn drop_timestamp(p: &mut Vec<AvPair>) {
+    p.retain(|pair| pair.id != av_id::TIMESTAMP);
+}
+
 #[test]
 fn altered_target_info_is_refused() {
     // The edit functions must have the `ClientOptions::edit_av_pairs` type.
-    #[allow(clippy::ptr_arg)]
-    fn change_domain(p: &mut Vec<AvPair>) {
-        for pair in p.iter_mut() {
-            if pair.id == av_id::NB_DOMAIN_NAME {
-                *pair = AvPair::name(av_id::NB_DOMAIN_NAME, "EVIL");
-            }
-        }
-    }
-    fn drop_timestamp(p: &mut Vec<AvPair>) {
-        p.retain(|pair| pair.id != av_id::TIMESTAMP);
-    }
     #[allow(clippy::ptr_arg)]
     fn change_timestamp(p: &mut Vec<AvPair>) {
         for pair in p.iter_mut() {
@@ -1267,17 +1271,6 @@ fn finish_external_with_a_wrong_key_fails_the_mic() {
 
 #[test]
 fn external_and_local_verification_refuse_the_same_things() {
-    #[allow(clippy::ptr_arg)]
-    fn change_domain(p: &mut Vec<AvPair>) {
-        for pair in p.iter_mut() {
-            if pair.id == av_id::NB_DOMAIN_NAME {
-                *pair = AvPair::name(av_id::NB_DOMAIN_NAME, "EVIL");
-            }
-        }
-    }
-    fn drop_timestamp(p: &mut Vec<AvPair>) {
-        p.retain(|pair| pair.id != av_id::TIMESTAMP);
-    }
     const OTHER: &[u8] = &[0x24; 32];
     type Edit = fn(&mut NtlmConfig);
     struct Case {

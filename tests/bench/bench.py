@@ -504,8 +504,8 @@ def main():
           f"{load[0]:.2f}; {args.rounds} interleaved rounds per cell, medians; run took {time.time() - t0:.0f} s.")
     if results:
         print("\nThroughput (smtp-source -> contender -> smtp-sink; msgs/s = messages at the sink / time until "
-              "the last reached it; CPU = utime+stime of the contender's whole process tree, reaped children "
-              "included, per delivered message; lost = acknowledged or sent but not at the sink, summed over "
+              "the last reached it; CPU = run time of every thread of the contender's process tree (schedstat, "
+              "ns), reaped children included (ticks), per delivered message; lost = acknowledged or sent but not at the sink, summed over "
               "rounds):\n")
         print(matrix_table(results, args.rounds))
     if times:

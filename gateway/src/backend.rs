@@ -234,8 +234,9 @@ struct Observer {
     health: Vec<Health>,
     /// `relayguard_backend_up` of each server.
     up_gauges: Vec<prometheus::IntGauge>,
-    /// `relayguard_backend_stage_duration_seconds` by `Stage as usize`.
-    stage_timers: Vec<prometheus::Histogram>,
+    /// `relayguard_backend_stage_duration_seconds` by `Stage as usize`,
+    /// then by shard.
+    stage_timers: Vec<Vec<prometheus::Histogram>>,
     /// What `Health::checked` counts from.
     epoch: Instant,
 }
@@ -265,7 +266,11 @@ impl Observer {
             up_gauges: labels.iter().map(|l| metrics.backend_up_gauge(l)).collect(),
             stage_timers: Stage::ALL
                 .iter()
-                .map(|s| metrics.backend_stage_histogram(s.label()))
+                .map(|&s| match s {
+                    // Not timed: the body is streamed as it arrives.
+                    Stage::Body => Vec::new(),
+                    s => metrics.backend_stage_histograms(s.label()),
+                })
                 .collect(),
             health: labels
                 .iter()
@@ -329,7 +334,10 @@ impl Observer {
     }
 
     fn stage(&self, stage: Stage, started: Instant) {
-        self.stage_timers[stage as usize].observe(started.elapsed().as_secs_f64());
+        let timers = &self.stage_timers[stage as usize];
+        if let Some(timer) = timers.get(crate::shards::current() % timers.len().max(1)) {
+            timer.observe(started.elapsed().as_secs_f64());
+        }
     }
 }
 

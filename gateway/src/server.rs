@@ -191,7 +191,7 @@ impl Server {
     /// `config` (by [`Config::load`]), so that it is not read again.
     pub async fn bind_with_policy(config: Config, policy: Policy) -> Result<Server, StartError> {
         let config = Arc::new(config);
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(Metrics::with_shards(config.shard_count()));
         metrics.set_connection_limit(config.limits.max_connections);
         let audit = crate::audit::AuditLog::open(&config.audit, metrics.clone())
             .map_err(StartError::Audit)?;

@@ -335,8 +335,8 @@ impl Observer {
 
     fn stage(&self, stage: Stage, started: Instant) {
         let timers = &self.stage_timers[stage as usize];
-        if let Some(timer) = timers.get(crate::shards::current() % timers.len().max(1)) {
-            timer.observe(started.elapsed().as_secs_f64());
+        if !timers.is_empty() {
+            timers[crate::metrics::shard_of(timers)].observe(started.elapsed().as_secs_f64());
         }
     }
 }

@@ -252,7 +252,7 @@ impl Default for Metrics {
 }
 
 /// The index into a per-shard list for the calling thread.
-fn shard_of<T>(per_shard: &[T]) -> usize {
+pub(crate) fn shard_of<T>(per_shard: &[T]) -> usize {
     crate::shards::current() % per_shard.len()
 }
 

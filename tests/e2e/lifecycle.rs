@@ -106,32 +106,33 @@ fn check_locates_an_unknown_field() {
     assert!(stderr.contains("adress"), "{stderr}");
 }
 
+/// Runs `relayguard check` on a configuration of one listener and one
+/// backend followed by `rest`; asserts it is refused with
+/// `relayguard.yaml:<at>` in its message and returns the message.
+fn check_refused_at(rest: &str, at: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "listeners:\n  - name: smtp\n    address: 127.0.0.1:0\nbackend:\n  servers: [\"127.0.0.1:25\"]\n{rest}"
+    );
+    let out = Gateway::check_in(dir.path(), &yaml);
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let located = format!("{}:{at}", dir.path().join("relayguard.yaml").display());
+    assert!(stderr.contains(&located), "expected {located} in: {stderr}");
+    stderr
+}
+
 #[test]
 fn check_refuses_a_bad_limit_with_its_location() {
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:0\nbackend:\n  servers: [\"127.0.0.1:25\"]\nlimits:\n  max_command_length: 100\n";
-    let out = Gateway::check_in(dir.path(), yaml);
-    assert!(!out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let located = format!(
-        "{}:7:3: field `limits.max_command_length`",
-        dir.path().join("relayguard.yaml").display()
+    check_refused_at(
+        "limits:\n  max_command_length: 100\n",
+        "7:3: field `limits.max_command_length`",
     );
-    assert!(stderr.contains(&located), "expected {located} in: {stderr}");
 }
 
 #[test]
 fn check_refuses_zero_threads_with_its_location() {
-    let dir = tempfile::tempdir().unwrap();
-    let yaml = "listeners:\n  - name: smtp\n    address: 127.0.0.1:0\nbackend:\n  servers: [\"127.0.0.1:25\"]\nthreads: 0\n";
-    let out = Gateway::check_in(dir.path(), yaml);
-    assert!(!out.status.success(), "{out:?}");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let located = format!(
-        "{}:6:1: field `threads`",
-        dir.path().join("relayguard.yaml").display()
-    );
-    assert!(stderr.contains(&located), "expected {located} in: {stderr}");
+    let stderr = check_refused_at("threads: 0\n", "6:1: field `threads`");
     assert!(stderr.contains("between 1 and 1024"), "{stderr}");
 }
 

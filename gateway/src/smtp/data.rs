@@ -365,12 +365,9 @@ fn first_bad_pair(bytes: &[u8]) -> Option<usize> {
     let mut blocks_b = after.chunks_exact(PAIR_BLOCK);
     let mut base = 0;
     for (a, b) in (&mut blocks_a).zip(&mut blocks_b) {
-        let (Ok(a), Ok(b)) = (
-            <&[u8; PAIR_BLOCK]>::try_from(a),
-            <&[u8; PAIR_BLOCK]>::try_from(b),
-        ) else {
-            unreachable!("chunks_exact gives whole blocks");
-        };
+        // Fixed-size blocks: no bounds checks in the loop below.
+        let a: &[u8; PAIR_BLOCK] = a.try_into().expect("chunks_exact gives whole blocks");
+        let b: &[u8; PAIR_BLOCK] = b.try_into().expect("chunks_exact gives whole blocks");
         // Branch-free over the block, so it vectorises; found, then located.
         let mut any = 0;
         for j in 0..PAIR_BLOCK {

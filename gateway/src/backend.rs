@@ -107,6 +107,57 @@ impl BackendError {
     }
 }
 
+/// A piece of the message on its way to the backend: what the session
+/// assembled, with a run of the client's own bytes to go in at a place in
+/// it (see [`DataReceiver::ingest_relay`]), so a large body is not copied
+/// between the two sockets.
+///
+/// [`DataReceiver::ingest_relay`]: crate::smtp::data::DataReceiver::ingest_relay
+#[derive(Debug, Clone, Copy)]
+pub struct Wire<'a> {
+    pub assembled: &'a [u8],
+    /// Where in `assembled` the client's bytes go, and the bytes.
+    pub passed: Option<(usize, &'a [u8])>,
+}
+
+impl<'a> Wire<'a> {
+    /// Bytes the session assembled, nothing passed on.
+    pub fn assembled(assembled: &'a [u8]) -> Self {
+        Wire {
+            assembled,
+            passed: None,
+        }
+    }
+
+    /// The bytes in the order they go out.
+    pub fn slices(&self) -> [&'a [u8]; 3] {
+        match self.passed {
+            Some((at, passed)) => [&self.assembled[..at], passed, &self.assembled[at..]],
+            None => [self.assembled, &[], &[]],
+        }
+    }
+}
+
+/// `write_all` for several slices: one system call for all of them where
+/// the stream takes vectored writes (plain TCP and rustls both do).
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    slices: [&[u8]; 3],
+) -> std::io::Result<()> {
+    let mut io = slices.map(std::io::IoSlice::new);
+    let mut left = &mut io[..];
+    // Empty slices first out, so a write of zero means the peer is gone.
+    std::io::IoSlice::advance_slices(&mut left, 0);
+    while !left.is_empty() {
+        let n = w.write_vectored(left).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        std::io::IoSlice::advance_slices(&mut left, n);
+    }
+    Ok(())
+}
+
 /// Plain or TLS stream to the backend.
 enum Stream {
     Plain(TcpStream),
@@ -143,6 +194,24 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Closed => Poll::Ready(Err(closed())),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Closed => false,
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -463,6 +532,24 @@ impl Connection {
         .await
     }
 
+    /// Like `send`, for a message piece that is in several slices: one
+    /// write for all of them.
+    async fn send_wire(
+        &mut self,
+        stage: Stage,
+        wire: Wire<'_>,
+        limit: Duration,
+    ) -> Result<(), BackendError> {
+        let stream = &mut self.stream;
+        within(limit, stage, async {
+            write_all_vectored(stream, wire.slices())
+                .await
+                .map_err(|e| BackendError::Io(stage, e))?;
+            stream.flush().await.map_err(|e| BackendError::Io(stage, e))
+        })
+        .await
+    }
+
     async fn command(&mut self, stage: Stage, line: &str) -> Result<Reply, BackendError> {
         let limit = self.timeouts.command;
         let started = Instant::now();
@@ -617,13 +704,13 @@ impl Connection {
     }
 
     /// Writes a piece of the message as it goes on the wire: dot-stuffed
-    /// CRLF lines (the session's [`DataReceiver::ingest_stuffed`] output, or
+    /// CRLF lines (the session's [`DataReceiver::ingest_relay`] output, or
     /// the gateway's own trace header).
     ///
-    /// [`DataReceiver::ingest_stuffed`]: crate::smtp::data::DataReceiver::ingest_stuffed
-    pub async fn body(&mut self, wire: &[u8]) -> Result<(), BackendError> {
+    /// [`DataReceiver::ingest_relay`]: crate::smtp::data::DataReceiver::ingest_relay
+    pub async fn body(&mut self, wire: Wire<'_>) -> Result<(), BackendError> {
         let limit = self.timeouts.data_block;
-        let r = self.send(Stage::Body, wire, limit).await;
+        let r = self.send_wire(Stage::Body, wire, limit).await;
         self.tx_check(r)
     }
 
@@ -651,17 +738,29 @@ impl Connection {
         }
     }
 
-    /// Sends the rest of the message (`tail`, stuffed, empty or ending in
-    /// CRLF) and the terminating dot in one write, and returns the backend's
-    /// verdict. Only after this reply may the client hear success.
-    pub async fn finish(&mut self, tail: &mut Vec<u8>) -> Result<Reply, BackendError> {
-        debug_assert!(tail.is_empty() || tail.ends_with(b"\r\n"));
+    /// Sends the rest of the message (`tail` with the client's bytes
+    /// `passed` in it, stuffed, empty or ending in CRLF) and the terminating
+    /// dot in one write, and returns the backend's verdict. Only after this
+    /// reply may the client hear success.
+    pub async fn finish(
+        &mut self,
+        tail: &mut Vec<u8>,
+        passed: Option<(usize, &[u8])>,
+    ) -> Result<Reply, BackendError> {
         tail.extend_from_slice(b".\r\n");
-        let end = &*tail;
+        let end = Wire {
+            assembled: tail,
+            passed,
+        };
+        debug_assert!({
+            let [a, b, c] = end.slices();
+            let all = [a, b, c].concat();
+            all == b".\r\n" || all.ends_with(b"\r\n.\r\n")
+        });
         let limit = self.timeouts.data_done;
         let started = Instant::now();
         let r = async {
-            self.send(Stage::DataDone, end, limit).await?;
+            self.send_wire(Stage::DataDone, end, limit).await?;
             self.read_reply(Stage::DataDone, limit).await
         }
         .await;

@@ -1183,7 +1183,7 @@ mod tests {
 #[cfg(test)]
 mod backend_tests {
     use super::*;
-    use crate::backend::{Backend, MailArgs};
+    use crate::backend::{Backend, MailArgs, Wire};
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::Duration;
@@ -1282,7 +1282,9 @@ mod backend_tests {
         let begun = conn.begin(&ARGS, "x@example.test").await.unwrap();
         assert!(begun.mail.is_positive());
         assert_eq!(conn.data().await.unwrap().code, 354);
-        conn.body(b"Subject: t\r\n\r\nhi\r\n").await.unwrap();
+        conn.body(Wire::assembled(b"Subject: t\r\n\r\nhi\r\n"))
+            .await
+            .unwrap();
         conn
     }
 
@@ -1293,7 +1295,7 @@ mod backend_tests {
         let mut conn = to_data(&b).await;
         let mut tail = conn.take_buffer();
         tail.reserve(200 * 1024);
-        assert!(conn.finish(&mut tail).await.unwrap().is_positive());
+        assert!(conn.finish(&mut tail, None).await.unwrap().is_positive());
         // Between the messages of one session: kept (up to 256 KB).
         conn.return_buffer(tail);
         assert!(conn.take_buffer().capacity() >= 200 * 1024);
@@ -1317,7 +1319,11 @@ mod backend_tests {
         let config: crate::config::BackendConfig = serde_norway::from_str(&yaml).unwrap();
         let b = Backend::new(&config, "relay.test", m.clone(), 1).unwrap();
         let mut conn = to_data(&b).await;
-        assert!(conn.finish(&mut Vec::new()).await.unwrap().is_positive());
+        assert!(conn
+            .finish(&mut Vec::new(), None)
+            .await
+            .unwrap()
+            .is_positive());
         b.release(conn);
         let idle = "relayguard_backend_pool_idle_connections";
         assert_eq!(value(&m, idle), 1.0);
@@ -1347,7 +1353,11 @@ mod backend_tests {
         let up = format!("relayguard_backend_up{{server=\"{ok}\"}}");
         assert_eq!(value(&m, &up), 0.0, "down until proven up");
         let mut conn = to_data(&b).await;
-        assert!(conn.finish(&mut Vec::new()).await.unwrap().is_positive());
+        assert!(conn
+            .finish(&mut Vec::new(), None)
+            .await
+            .unwrap()
+            .is_positive());
         assert_eq!(result(&m, BackendResult::Delivered), 1.0);
         assert_eq!(value(&m, &up), 1.0);
         for stage in [
@@ -1367,8 +1377,8 @@ mod backend_tests {
         let begun = conn.begin(&ARGS, "y@example.test").await.unwrap();
         assert!(begun.mail.is_positive());
         assert_eq!(conn.data().await.unwrap().code, 354);
-        conn.body(b"x\r\n").await.unwrap();
-        conn.finish(&mut Vec::new()).await.unwrap();
+        conn.body(Wire::assembled(b"x\r\n")).await.unwrap();
+        conn.finish(&mut Vec::new(), None).await.unwrap();
         assert_eq!(result(&m, BackendResult::Delivered), 2.0);
         // Dropped between 354 and the final dot: aborted.
         drop(to_data(&b).await);
@@ -1381,7 +1391,7 @@ mod backend_tests {
             let m = Arc::new(Metrics::new());
             let b = client(&[addr], m.clone());
             let mut conn = to_data(&b).await;
-            conn.finish(&mut Vec::new()).await.unwrap();
+            conn.finish(&mut Vec::new(), None).await.unwrap();
             assert_eq!(result(&m, want), 1.0, "{}", want.label());
             // Not delivered, and not counted twice when dropped.
             drop(conn);
@@ -1391,7 +1401,7 @@ mod backend_tests {
         let m = Arc::new(Metrics::new());
         let b = client(&[hangs_up], m.clone());
         let mut conn = to_data(&b).await;
-        assert!(conn.finish(&mut Vec::new()).await.is_err());
+        assert!(conn.finish(&mut Vec::new(), None).await.is_err());
         drop(conn);
         assert_eq!(result(&m, BackendResult::Failed), 1.0);
         assert_eq!(result(&m, BackendResult::Aborted), 0.0);

@@ -6,7 +6,7 @@
 
 use relayguard_e2e::{test_cert, Client, Config, Gateway, Sink, TIMEOUT};
 
-use crate::BODY;
+use crate::{assert_same_body, send_in_pieces, varied_body, BODY};
 
 /// Gateway B: STARTTLS listener with a test certificate, in front of a sink.
 /// Returns the sink, B, and B's certificate path.
@@ -56,6 +56,43 @@ fn backend_starttls_with_pinned_ca_delivers_over_tls() {
     assert!(received.contains("(using TLSv1."), "{received}");
     assert_eq!(m.data.matches("(RelayGuard)").count(), 2, "{}", m.data);
     assert!(m.data.contains("Hello from the end-to-end tests."));
+}
+
+/// A large body over the TLS backend connection (written in pieces put
+/// together around runs of the client's bytes) arrives exactly.
+#[test]
+fn a_large_body_arrives_exactly_over_backend_tls() {
+    let (sink, inner, cert) = tls_backend();
+    let yaml = Config::new(&[inner.addr("smtp")])
+        .set("backend.tls", "required")
+        .set(
+            "backend.ca_file",
+            &format!("{:?}", cert.display().to_string()),
+        )
+        .set("backend.server_name", "localhost")
+        .yaml();
+    let outer = Gateway::start(&yaml);
+    let body = varied_body(700_000, 42);
+    let mut c = send_one(&outer, "250 2.1.5");
+    send_in_pieces(&mut c, &body).expect("250");
+    c.send("QUIT").expect("221");
+    let msgs = sink.wait_for_messages(1, TIMEOUT);
+    let m = &msgs[0];
+    assert!(
+        m.first_received().unwrap().contains("with ESMTPS"),
+        "{}",
+        m.first_received().unwrap()
+    );
+    // Two Received headers, the inner gateway's and the outer's, then the
+    // body as sent.
+    let after_inner = m.without_first_received();
+    let outer_line = after_inner.find("\n").unwrap() + 1;
+    let continued = after_inner[outer_line..]
+        .lines()
+        .take_while(|l| l.starts_with([' ', '\t']))
+        .map(|l| l.len() + 1)
+        .sum::<usize>();
+    assert_same_body(&after_inner[outer_line + continued..], &body);
 }
 
 #[test]

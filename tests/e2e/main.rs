@@ -87,3 +87,70 @@ fn barrier(gw: &Gateway, sink: &Sink, expected_total: usize) -> Vec<SinkMessage>
     );
     msgs
 }
+
+/// A large message of varied lines (lengths 0 to 300, some starting with
+/// one or two dots, some only a dot), the same for a given `seed`.
+fn varied_body(len: usize, seed: u64) -> String {
+    let mut state = seed | 1;
+    let mut next = move |n: u64| {
+        // xorshift64: deterministic, no dependency.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut body = String::from("Subject: varied\r\n\r\n");
+    while body.len() < len {
+        match next(40) {
+            0 => body.push_str(".\r\n"),
+            1 => body.push_str(".. two dots\r\n"),
+            2 => body.push_str(".one dot\r\n"),
+            3 => body.push_str("\r\n"),
+            _ => {
+                let width = next(300) as usize;
+                let start = next(26) as u8;
+                body.extend((0..width).map(|i| (b'a' + (start + i as u8 % 26) % 26) as char));
+                body.push_str("\r\n");
+            }
+        }
+    }
+    body
+}
+
+/// Sends `body` (dot-stuffed) after DATA in writes of uneven sizes that
+/// split lines anywhere, and returns the client to read the final reply.
+fn send_in_pieces<'a>(c: &'a mut Client, body: &str) -> &'a mut Client {
+    c.send("DATA").expect("354");
+    let wire = relayguard_e2e::dot_stuff(body);
+    let mut rest = wire.as_bytes();
+    let mut size = 1;
+    while rest.len() > 1 {
+        // 1, 1,001, 5,002, … bytes, never the whole remainder at once, so
+        // the final dot comes in a write of its own or with a line before.
+        size = (size * 5 + 1000) % 70_001 + 1;
+        let (piece, tail) = rest.split_at(size.min(rest.len() - 1));
+        c.send_raw(piece);
+        rest = tail;
+    }
+    c.send_raw(rest)
+}
+
+/// Compares a delivered body with what was sent, reporting where they
+/// first differ rather than two large messages.
+fn assert_same_body(delivered: &str, sent: &str) {
+    let sent = sent.replace("\r\n", "\n");
+    if delivered != sent {
+        let at = delivered
+            .bytes()
+            .zip(sent.bytes())
+            .position(|(a, b)| a != b)
+            .unwrap_or(delivered.len().min(sent.len()));
+        panic!(
+            "body differs at byte {at} (delivered {} bytes, sent {}): delivered {:?}, sent {:?}",
+            delivered.len(),
+            sent.len(),
+            &delivered[at.saturating_sub(40)..(at + 40).min(delivered.len())],
+            &sent[at.saturating_sub(40)..(at + 40).min(sent.len())],
+        );
+    }
+}

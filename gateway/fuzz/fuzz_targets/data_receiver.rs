@@ -1,6 +1,7 @@
 //! The DATA receiver under arbitrary input and read sizes, checked against a
 //! simple model; its wire output (what the gateway relays) against the
-//! stuffer applied to its plain output; and the stuff -> receive round trip
+//! stuffer applied to its plain output; the relay path (runs of lines
+//! passed on from the input) against that wire output; and the stuff -> receive round trip
 //! that keeps the gateway and the backend agreeing on where a message ends.
 #![no_main]
 
@@ -114,6 +115,32 @@ fuzz_target!(|data: &[u8]| {
     }
     assert_eq!((consumed, complete), (run.consumed, run.complete));
     assert_eq!(rx.violation(), run.violation);
+
+    // The relay path (runs of lines left in the read buffer, the rest
+    // assembled around them) puts together exactly the same wire form, read
+    // by read, with the same end, size and verdict.
+    let mut stuffed = DataReceiver::new(usize::from(*b) + 1, u64::MAX);
+    let mut relay = DataReceiver::new(usize::from(*b) + 1, u64::MAX).with_pass_min(1 + usize::from(*a / 32));
+    for chunk in input.chunks(step) {
+        let mut want = Vec::new();
+        let (n, status) = stuffed.ingest_stuffed(chunk, &mut want);
+        let mut out = Vec::new();
+        let (m, relayed, passed) = relay.ingest_relay(chunk, &mut out);
+        assert_eq!((m, relayed), (n, status));
+        let got = match passed {
+            Some(p) => {
+                assert!(p.range.end <= m && p.at <= out.len());
+                [&out[..p.at], &chunk[p.range], &out[p.at..]].concat()
+            }
+            None => out,
+        };
+        assert_eq!(got, want);
+        assert_eq!(relay.size(), stuffed.size());
+        assert_eq!(relay.violation(), stuffed.violation());
+        if status == DataStatus::Complete {
+            break;
+        }
+    }
     if complete && run.violation.is_none() {
         let mut want = Vec::new();
         let mut stuffer = DotStuffer::new();

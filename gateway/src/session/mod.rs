@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::audit::{AuditDecision, AuditRecord};
 use crate::auth::sasl::{self, Exchange, Progress};
 use crate::auth::{AuthFailure, Mechanism, Principal};
-use crate::backend::{BackendError, Connection, MailArgs};
+use crate::backend::{BackendError, Connection, MailArgs, Wire};
 use crate::config::{TlsMode, VrfyReply};
 use crate::server::{ListenerInfo, Shared};
 use crate::smtp::command::{self, Body, Command, MailParams, Path, ReversePath};
@@ -1201,24 +1201,34 @@ impl<S: Transport> Session<S> {
         let mut header_from = tx
             .check_header_from
             .then(crate::smtp::header_from::HeaderFromScanner::new);
-        loop {
+        // The last read's piece of the message: how much of the read buffer
+        // it took, and the run of it relayed from there (not copied).
+        let (consumed, passed) = loop {
             let before = out.len();
             // Room for all that was read and the final dot: the wire form
             // is at most the input and a dot held back from the previous
             // read, so neither the receiver nor `finish` grows (copies)
             // the buffer.
             out.reserve(self.rbuf.len() + 8);
-            let (consumed, status) = receiver.ingest_stuffed(&self.rbuf, &mut out);
-            self.rbuf.advance(consumed);
+            let (consumed, status, passed) = receiver.ingest_relay(&self.rbuf, &mut out);
+            let passed = passed.map(|p| (p.at, p.range));
             if let Some(scan) = header_from.as_mut() {
-                scan.push(&out[before..]);
+                let wire = Wire {
+                    assembled: &out[before..],
+                    passed: passed
+                        .as_ref()
+                        .map(|(at, r)| (at - before, &self.rbuf[r.clone()])),
+                };
+                for piece in wire.slices() {
+                    scan.push(piece);
+                }
             }
             if status == DataStatus::Complete {
-                break;
+                break (consumed, passed);
             }
             // Nothing new (the body has not arrived yet): what is pending,
             // the trace header, waits for the first piece of the body.
-            let fresh = out.len() > before;
+            let fresh = out.len() > before || passed.is_some();
             // After a violation nothing is sent (the message is refused and
             // the backend's transaction dropped without the dot); after a
             // backend failure or refusal the client is read on, unanswered.
@@ -1228,9 +1238,14 @@ impl<S: Transport> Session<S> {
                     go_ahead(&mut conn, &mut data_refused, &mut backend_error).await;
                 }
                 if backend_error.is_none() && data_refused.is_none() {
-                    backend_error = conn.body(&out).await.err();
+                    let wire = Wire {
+                        assembled: &out,
+                        passed: passed.map(|(at, r)| (at, &self.rbuf[r])),
+                    };
+                    backend_error = conn.body(wire).await.err();
                 }
             }
+            self.rbuf.advance(consumed);
             if fresh || violated {
                 out.clear();
             }
@@ -1261,7 +1276,7 @@ impl<S: Transport> Session<S> {
                 // one block per read.
                 chunk = (chunk * 2).min(MAX_DATA_READ_CHUNK);
             }
-        }
+        };
         let size = receiver.size();
         let spoofed = header_from.as_ref().and_then(|scan| {
             let ctx = self.policy_context();
@@ -1319,7 +1334,8 @@ impl<S: Transport> Session<S> {
                 format!("backend={} {}", r.code, r.text()),
             )
         } else {
-            match conn.finish(&mut out).await {
+            let passed = passed.as_ref().map(|(at, r)| (*at, &self.rbuf[r.clone()]));
+            match conn.finish(&mut out, passed).await {
                 Ok(r) => {
                     let outcome = format!("backend={} {}", r.code, r.text());
                     let mirrored = replies::mirror(&r, (0, 0));
@@ -1362,6 +1378,8 @@ impl<S: Transport> Session<S> {
             )
         });
         tx.backend = None;
+        // Only now: the last piece may have been relayed from the buffer.
+        self.rbuf.advance(consumed);
         self.reply(reply);
         Ok(())
     }

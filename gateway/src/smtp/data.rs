@@ -18,6 +18,7 @@
 //!   bare line end would reach a backend doubled.
 
 use std::fmt;
+use std::ops::Range;
 
 /// The first rule a message broke. The session refuses such a message rather
 /// than repair it; repairing would mean guessing what the client meant.
@@ -72,6 +73,23 @@ enum State {
     Done,
 }
 
+/// A run of whole lines from the client's input that goes to the backend as
+/// it is, instead of being copied into the output first (see
+/// [`DataReceiver::ingest_relay`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Passed {
+    /// Where the run goes in the output: after `out[..at]`, before
+    /// `out[at..]`.
+    pub at: usize,
+    /// The run, as a range of the input.
+    pub range: Range<usize>,
+}
+
+/// Runs of clean lines shorter than this are copied: a small message stays
+/// one contiguous buffer, and the copy costs less than another piece to
+/// write.
+pub const PASS_MIN: usize = 4096;
+
 /// Receives the message after `354`, undoing dot-stuffing.
 #[derive(Debug, Clone)]
 pub struct DataReceiver {
@@ -83,6 +101,8 @@ pub struct DataReceiver {
     size: u64,
     violation: Option<DataViolation>,
     too_large: bool,
+    /// The shortest run [`ingest_relay`](Self::ingest_relay) passes on.
+    pass_min: usize,
 }
 
 impl DataReceiver {
@@ -97,7 +117,16 @@ impl DataReceiver {
             size: 0,
             violation: None,
             too_large: false,
+            pass_min: PASS_MIN,
         }
+    }
+
+    /// Sets the shortest run of lines [`ingest_relay`](Self::ingest_relay)
+    /// leaves in the input (default [`PASS_MIN`]): the fuzzer sets it low so
+    /// that small inputs take that path too.
+    pub fn with_pass_min(mut self, bytes: usize) -> Self {
+        self.pass_min = bytes.max(1);
+        self
     }
 
     /// Consumes client bytes and appends the unstuffed message to `out`, with
@@ -115,7 +144,7 @@ impl DataReceiver {
     /// the first one is kept. After the size limit is passed nothing more is
     /// appended, so memory stays bounded.
     pub fn ingest(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, DataStatus) {
-        self.scan::<false>(input, out)
+        self.scan::<false>(input, out, None)
     }
 
     /// Like [`ingest`](Self::ingest), but appends the message as it goes on
@@ -130,13 +159,34 @@ impl DataReceiver {
     /// unlike [`DotStuffer`], this does not treat bare CR or LF as line
     /// starts, because a message with one is refused, never forwarded.
     pub fn ingest_stuffed(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, DataStatus) {
-        self.scan::<true>(input, out)
+        self.scan::<true>(input, out, None)
     }
 
+    /// Like [`ingest_stuffed`](Self::ingest_stuffed), but the first long run
+    /// of clean lines (the bulk of a large body) is not copied: the wire
+    /// form is `out[..at]`, then `input[range]`, then `out[at..]`. A large
+    /// body then goes from the read buffer to the backend with no copy in
+    /// between, as a byte pipe would relay it. The run is exactly what
+    /// [`ingest_stuffed`](Self::ingest_stuffed) would have appended there;
+    /// the same rule holds: output of a call that found a violation must
+    /// not be sent.
+    pub fn ingest_relay(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> (usize, DataStatus, Option<Passed>) {
+        let mut passed = None;
+        let (consumed, status) = self.scan::<true>(input, out, Some(&mut passed));
+        (consumed, status, passed)
+    }
+
+    /// `pass`: where to record a run of lines left in the input instead of
+    /// copied (only the first, and only one of at least `pass_min` bytes).
     fn scan<const STUFFED: bool>(
         &mut self,
         input: &[u8],
         out: &mut Vec<u8>,
+        mut pass: Option<&mut Option<Passed>>,
     ) -> (usize, DataStatus) {
         let mut i = 0;
         // Where whole-line runs may be tried again after one failed (see
@@ -147,11 +197,21 @@ impl DataReceiver {
             match self.state {
                 State::Done => return (i, DataStatus::Complete),
                 State::LineStart if b != b'.' && i >= bulk_from => {
-                    let (taken, examined) = self.lines(&input[i..], out);
+                    let (taken, examined) = self.lines(&input[i..]);
                     if taken == 0 {
                         bulk_from = i + examined.max(1);
                         i += self.text(&input[i..], out);
                     } else {
+                        let range = i..i + taken;
+                        match pass.as_deref_mut() {
+                            Some(slot @ None) if taken >= self.pass_min => {
+                                *slot = Some(Passed {
+                                    at: out.len(),
+                                    range,
+                                });
+                            }
+                            _ => out.extend_from_slice(&input[range]),
+                        }
                         i += taken;
                     }
                 }
@@ -205,7 +265,7 @@ impl DataReceiver {
     }
 
     /// From a line start, the longest run of whole lines that need no
-    /// attention, emitted with one copy: each ends in CR LF, none holds
+    /// attention, counted (the caller copies or passes them on): each ends in CR LF, none holds
     /// another CR, a LF or a NUL, none is too long, none starts with a dot
     /// (stuffing or the end: the state machine takes those), and all fit
     /// the size limit. Such lines are the same unstuffed and on the wire.
@@ -217,7 +277,7 @@ impl DataReceiver {
     /// 1,300 lines): [`first_bad_pair`] checks every byte against the one
     /// before it, in blocks the compiler vectorises, and line lengths are
     /// checked a window of `max_line` bytes at a time (its last LF).
-    fn lines(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, usize) {
+    fn lines(&mut self, input: &[u8]) -> (usize, usize) {
         let room = usize::try_from(self.max_size.saturating_sub(self.size)).unwrap_or(usize::MAX);
         let region = &input[..input.len().min(room)];
         let Some(&first) = region.first() else {
@@ -250,7 +310,6 @@ impl DataReceiver {
             };
             return (0, examined);
         }
-        out.extend_from_slice(&region[..good]);
         self.size += good as u64;
         (good, good)
     }
@@ -782,8 +841,7 @@ mod tests {
             let max_line = 2 + rng.below(40);
             let max_size = rng.below(500) as u64;
             let mut r = DataReceiver::new(max_line, max_size);
-            let mut out = Vec::new();
-            let (taken, examined) = r.lines(&input, &mut out);
+            let (taken, examined) = r.lines(&input);
             let want = clean_prefix(&input, max_line, max_size as usize);
             assert_eq!(
                 taken,
@@ -791,12 +849,82 @@ mod tests {
                 "input {:?} max_line {max_line} max_size {max_size}",
                 String::from_utf8_lossy(&input)
             );
-            assert_eq!(out, &input[..taken]);
             assert_eq!(r.size(), taken as u64);
             if taken == 0 && !input.is_empty() {
                 assert!(examined >= 1);
             }
         }
+    }
+
+    /// The relay path (a long run of lines left in the read buffer) puts
+    /// together exactly what `ingest_stuffed` appends, piece for piece,
+    /// with the same end, size and verdict, whatever the reads look like.
+    #[test]
+    fn relayed_pieces_are_the_stuffed_output() {
+        let mut rng = Rng(0x0dd_ba11_cafe_f00d);
+        let lines: &[&[u8]] = &[
+            b"Subject: a long enough line of ordinary text for the test\r\n",
+            b"just text\r\n",
+            b"\r\n",
+            b"..stuffed\r\n",
+            b"bare\nLF\r\n",
+            b"bare\rCR\r\n",
+            b"nul\0\r\n",
+            b".\r\n",
+            b"\r\n.\r\nQUIT\r\n",
+        ];
+        let mut passed_runs = 0;
+        for round in 0..3000 {
+            let mut input = Vec::new();
+            let count = rng.below(if round % 4 == 0 { 800 } else { 40 });
+            for _ in 0..count {
+                // Mostly ordinary lines, so that long clean runs occur.
+                let line = if rng.below(200) == 0 {
+                    lines[rng.below(lines.len())]
+                } else {
+                    lines[rng.below(3)]
+                };
+                input.extend_from_slice(line);
+            }
+            let max_line = if round % 3 == 0 { 40 } else { 1000 };
+            let max_size = if round % 5 == 0 {
+                rng.below(20_000) as u64
+            } else {
+                u64::MAX
+            };
+            // Reads of up to 8 KB, as a session's socket would give them.
+            let mut reads = Vec::new();
+            let mut rest = &input[..];
+            while !rest.is_empty() {
+                let (a, b) = rest.split_at(rest.len().min(1 + rng.below(8192)));
+                reads.push(a);
+                rest = b;
+            }
+            let mut plain = DataReceiver::new(max_line, max_size);
+            let mut relay = DataReceiver::new(max_line, max_size);
+            for read in reads {
+                let mut want = Vec::new();
+                let (n, status) = plain.ingest_stuffed(read, &mut want);
+                let mut out = Vec::new();
+                let (m, relayed, passed) = relay.ingest_relay(read, &mut out);
+                assert_eq!((m, relayed), (n, status));
+                let got = match &passed {
+                    Some(p) => {
+                        passed_runs += 1;
+                        assert!(p.range.len() >= PASS_MIN && p.range.end <= m);
+                        [&out[..p.at], &read[p.range.clone()], &out[p.at..]].concat()
+                    }
+                    None => out,
+                };
+                assert_eq!(got, want, "round {round}");
+                assert_eq!(relay.size(), plain.size());
+                assert_eq!(relay.violation(), plain.violation());
+                if status == Complete {
+                    break;
+                }
+            }
+        }
+        assert!(passed_runs > 100, "only {passed_runs} runs were passed on");
     }
 
     /// What the receiver must give back for a stuffed message.

@@ -57,6 +57,73 @@ impl Shared {
     }
 }
 
+#[cfg(test)]
+impl Shared {
+    /// What [`Server::bind_with_policy`] shares with sessions, from
+    /// configuration text, but with no port bound and no connection
+    /// threads started: unit tests run a [`Session`] over an in-memory
+    /// stream against it. Also returns the listeners a session may belong
+    /// to. TLS listeners are refused because no acceptor is built here.
+    pub(crate) fn for_tests(yaml: &str) -> (Arc<Shared>, Vec<Arc<ListenerInfo>>) {
+        let config = Config::from_yaml(yaml, "test.yaml").expect("test configuration");
+        let policy = crate::policy_source::load(&config).expect("test policy");
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_connection_limit(config.limits.max_connections);
+        let audit =
+            crate::audit::AuditLog::open(&config.audit, metrics.clone()).expect("audit sink");
+        let backend = Backend::new(&config.backend, config.helo_name(), metrics.clone(), 1)
+            .expect("backend client");
+        let auth = config
+            .auth
+            .as_ref()
+            .map(|a| crate::auth::Authenticator::new(a).expect("test auth"));
+        for m in auth.iter().flat_map(|a| a.mechanisms()) {
+            metrics.init_auth_mechanism(*m);
+        }
+        let listeners = config
+            .listeners
+            .iter()
+            .map(|l| {
+                assert_eq!(l.tls, TlsMode::None, "no TLS in Shared::for_tests");
+                metrics.init_listener(&l.name, false);
+                Arc::new(ListenerInfo {
+                    name: l.name.clone(),
+                    require_tls_for_auth: l.require_tls_for_auth,
+                    mode: l.tls,
+                    acceptor: None,
+                    certs: None,
+                    proxy: l.proxy_protocol.then(|| l.trusted_proxies.clone()),
+                })
+            })
+            .collect();
+        let limits = ConnectionLimits {
+            total: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            max_per_ip: config.limits.max_connections_per_ip,
+        };
+        let mut greeting = Vec::new();
+        replies::greeting(&config.hostname).write_to(&mut greeting);
+        let shared = Arc::new(Shared {
+            greeting: greeting.into_boxed_slice(),
+            listener_certs: Vec::new(),
+            config,
+            rates: RateLimiter::with_capacity(
+                100_000,
+                policy.longest_window().unwrap_or(Duration::from_secs(3600)),
+            ),
+            policy: ArcSwap::from_pointee(policy),
+            backend,
+            auth,
+            shutdown: CancellationToken::new(),
+            metrics,
+            audit,
+            limits,
+        });
+        (shared, listeners)
+    }
+}
+
 /// One configured listener, with its TLS acceptor when it has a certificate.
 pub struct ListenerInfo {
     pub name: String,

@@ -18,6 +18,8 @@
 
 pub mod received;
 pub mod replies;
+#[cfg(test)]
+mod stream_tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

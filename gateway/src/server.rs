@@ -51,6 +51,43 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// What every session shares, from the parts the server (or a unit
+    /// test) built: the connection limits, rates and greeting follow from
+    /// the configuration.
+    fn new(
+        config: Arc<Config>,
+        policy: Policy,
+        backend: Arc<Backend>,
+        auth: Option<Arc<crate::auth::Authenticator>>,
+        metrics: Arc<Metrics>,
+        audit: crate::audit::AuditLog,
+        listener_certs: Vec<Arc<CertStore>>,
+    ) -> Arc<Shared> {
+        let limits = ConnectionLimits {
+            total: Arc::new(Semaphore::new(config.limits.max_connections)),
+            per_ip: Arc::new(Mutex::new(HashMap::new())),
+            max_per_ip: config.limits.max_connections_per_ip,
+        };
+        let mut greeting = Vec::new();
+        replies::greeting(&config.hostname).write_to(&mut greeting);
+        Arc::new(Shared {
+            greeting: greeting.into_boxed_slice(),
+            listener_certs,
+            rates: RateLimiter::with_capacity(
+                100_000,
+                policy.longest_window().unwrap_or(Duration::from_secs(3600)),
+            ),
+            policy: ArcSwap::from_pointee(policy),
+            config,
+            backend,
+            auth,
+            shutdown: CancellationToken::new(),
+            metrics,
+            audit,
+            limits,
+        })
+    }
+
     /// The certificate stores of the TLS listeners (for reload).
     pub fn listener_certs(&self) -> &[Arc<CertStore>] {
         &self.listener_certs
@@ -97,29 +134,7 @@ impl Shared {
                 })
             })
             .collect();
-        let limits = ConnectionLimits {
-            total: Arc::new(Semaphore::new(config.limits.max_connections)),
-            per_ip: Arc::new(Mutex::new(HashMap::new())),
-            max_per_ip: config.limits.max_connections_per_ip,
-        };
-        let mut greeting = Vec::new();
-        replies::greeting(&config.hostname).write_to(&mut greeting);
-        let shared = Arc::new(Shared {
-            greeting: greeting.into_boxed_slice(),
-            listener_certs: Vec::new(),
-            config,
-            rates: RateLimiter::with_capacity(
-                100_000,
-                policy.longest_window().unwrap_or(Duration::from_secs(3600)),
-            ),
-            policy: ArcSwap::from_pointee(policy),
-            backend,
-            auth,
-            shutdown: CancellationToken::new(),
-            metrics,
-            audit,
-            limits,
-        });
+        let shared = Shared::new(config, policy, backend, auth, metrics, audit, Vec::new());
         (shared, listeners)
     }
 }
@@ -323,33 +338,19 @@ impl Server {
                 tcp,
             ));
         }
-        let limits = ConnectionLimits {
-            total: Arc::new(Semaphore::new(config.limits.max_connections)),
-            per_ip: Arc::new(Mutex::new(HashMap::new())),
-            max_per_ip: config.limits.max_connections_per_ip,
-        };
         let listener_certs = listeners
             .iter()
             .filter_map(|(i, _)| i.certs.clone())
             .collect();
-        let mut greeting = Vec::new();
-        replies::greeting(&config.hostname).write_to(&mut greeting);
-        let shared = Arc::new(Shared {
-            greeting: greeting.into_boxed_slice(),
-            listener_certs,
+        let shared = Shared::new(
             config,
-            rates: RateLimiter::with_capacity(
-                100_000,
-                policy.longest_window().unwrap_or(Duration::from_secs(3600)),
-            ),
-            policy: ArcSwap::from_pointee(policy),
+            policy,
             backend,
             auth,
-            shutdown: CancellationToken::new(),
             metrics,
             audit,
-            limits,
-        });
+            listener_certs,
+        );
         Ok(Server {
             shared,
             listeners,

@@ -23,6 +23,19 @@ fn tls_backend() -> (Sink, Gateway, std::path::PathBuf) {
     (sink, inner, cert)
 }
 
+/// Gateway A: requires STARTTLS toward B, verified against B's certificate.
+fn pinned_outer(inner: &Gateway, cert: &std::path::Path) -> Gateway {
+    let yaml = Config::new(&[inner.addr("smtp")])
+        .set("backend.tls", "required")
+        .set(
+            "backend.ca_file",
+            &format!("{:?}", cert.display().to_string()),
+        )
+        .set("backend.server_name", "localhost")
+        .yaml();
+    Gateway::start(&yaml)
+}
+
 fn send_one(gw: &Gateway, first_rcpt_reply: &str) -> Client {
     let mut c = Client::greeted(gw.addr("smtp"));
     c.mail("alice@client.test").expect("250");
@@ -33,15 +46,7 @@ fn send_one(gw: &Gateway, first_rcpt_reply: &str) -> Client {
 #[test]
 fn backend_starttls_with_pinned_ca_delivers_over_tls() {
     let (sink, inner, cert) = tls_backend();
-    let yaml = Config::new(&[inner.addr("smtp")])
-        .set("backend.tls", "required")
-        .set(
-            "backend.ca_file",
-            &format!("{:?}", cert.display().to_string()),
-        )
-        .set("backend.server_name", "localhost")
-        .yaml();
-    let outer = Gateway::start(&yaml);
+    let outer = pinned_outer(&inner, &cert);
     let mut c = send_one(&outer, "250 2.1.5");
     c.data_body(BODY).expect("250");
     c.send("QUIT").expect("221");
@@ -63,15 +68,7 @@ fn backend_starttls_with_pinned_ca_delivers_over_tls() {
 #[test]
 fn a_large_body_arrives_exactly_over_backend_tls() {
     let (sink, inner, cert) = tls_backend();
-    let yaml = Config::new(&[inner.addr("smtp")])
-        .set("backend.tls", "required")
-        .set(
-            "backend.ca_file",
-            &format!("{:?}", cert.display().to_string()),
-        )
-        .set("backend.server_name", "localhost")
-        .yaml();
-    let outer = Gateway::start(&yaml);
+    let outer = pinned_outer(&inner, &cert);
     let body = varied_body(700_000, 42);
     let mut c = send_one(&outer, "250 2.1.5");
     send_in_pieces(&mut c, &body).expect("250");

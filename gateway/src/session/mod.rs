@@ -35,7 +35,7 @@ use crate::backend::{BackendError, Connection, MailArgs, Wire};
 use crate::config::{TlsMode, VrfyReply};
 use crate::server::{ListenerInfo, Shared};
 use crate::smtp::command::{self, Body, Command, MailParams, Path, ReversePath};
-use crate::smtp::data::{DataReceiver, DataStatus};
+use crate::smtp::data::{DataReceiver, DataStatus, Passed};
 use crate::smtp::line::{LineError, LineReader};
 use crate::smtp::reply::{EnhancedCode as E, Reply};
 use crate::tls::TlsInfo;
@@ -1213,15 +1213,10 @@ impl<S: Transport> Session<S> {
             // the buffer.
             out.reserve(self.rbuf.len() + 8);
             let (consumed, status, passed) = receiver.ingest_relay(&self.rbuf, &mut out);
-            let passed = passed.map(|p| (p.at, p.range));
             if let Some(scan) = header_from.as_mut() {
-                let wire = Wire {
-                    assembled: &out[before..],
-                    passed: passed
-                        .as_ref()
-                        .map(|(at, r)| (at - before, &self.rbuf[r.clone()])),
-                };
-                for piece in wire.slices() {
+                // What this read added: a run is always passed after `before`.
+                let [head, run, tail] = wire(&out, passed.as_ref(), &self.rbuf).slices();
+                for piece in [&head[before..], run, tail] {
                     scan.push(piece);
                 }
             }
@@ -1240,11 +1235,8 @@ impl<S: Transport> Session<S> {
                     go_ahead(&mut conn, &mut data_refused, &mut backend_error).await;
                 }
                 if backend_error.is_none() && data_refused.is_none() {
-                    let wire = Wire {
-                        assembled: &out,
-                        passed: passed.map(|(at, r)| (at, &self.rbuf[r])),
-                    };
-                    backend_error = conn.body(wire).await.err();
+                    let piece = wire(&out, passed.as_ref(), &self.rbuf);
+                    backend_error = conn.body(piece).await.err();
                 }
             }
             self.rbuf.advance(consumed);
@@ -1336,7 +1328,7 @@ impl<S: Transport> Session<S> {
                 format!("backend={} {}", r.code, r.text()),
             )
         } else {
-            let passed = passed.as_ref().map(|(at, r)| (*at, &self.rbuf[r.clone()]));
+            let passed = wire(&[], passed.as_ref(), &self.rbuf).passed;
             match conn.finish(&mut out, passed).await {
                 Ok(r) => {
                     let outcome = format!("backend={} {}", r.code, r.text());
@@ -1384,6 +1376,15 @@ impl<S: Transport> Session<S> {
         self.rbuf.advance(consumed);
         self.reply(reply);
         Ok(())
+    }
+}
+
+/// A piece of the message as the receiver left it: `out`, with the run
+/// it passed on (if any) still in the read buffer `input`.
+fn wire<'a>(out: &'a [u8], passed: Option<&Passed>, input: &'a [u8]) -> Wire<'a> {
+    Wire {
+        assembled: out,
+        passed: passed.map(|p| (p.at, &input[p.range.clone()])),
     }
 }
 

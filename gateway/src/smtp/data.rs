@@ -88,7 +88,7 @@ pub struct Passed {
 /// Runs of clean lines shorter than this are copied: a small message stays
 /// one contiguous buffer, and the copy costs less than another piece to
 /// write.
-pub const PASS_MIN: usize = 4096;
+const PASS_MIN: usize = 4096;
 
 /// Receives the message after `354`, undoing dot-stuffing.
 #[derive(Debug, Clone)]
@@ -265,10 +265,10 @@ impl DataReceiver {
     }
 
     /// From a line start, the longest run of whole lines that need no
-    /// attention, counted (the caller copies or passes them on): each ends in CR LF, none holds
-    /// another CR, a LF or a NUL, none is too long, none starts with a dot
-    /// (stuffing or the end: the state machine takes those), and all fit
-    /// the size limit. Such lines are the same unstuffed and on the wire.
+    /// attention, counted (the caller copies or passes them on): each ends
+    /// in CR LF, none holds another CR, a LF or a NUL, none is too long,
+    /// none starts with a dot (stuffing or the end: the state machine takes
+    /// those), and all fit the size limit. Such lines are the same unstuffed and on the wire.
     /// Returns (bytes taken, bytes examined); when nothing is taken the
     /// caller goes on byte by byte and does not look at the examined bytes
     /// in bulk again, so hostile input cannot make this quadratic.
